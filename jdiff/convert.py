@@ -1,0 +1,306 @@
+"""diffusers/transformers safetensors folders <-> jdiff Flax modules and parameters.
+
+Flax parameter paths mirror the PyTorch state-dict keys: `down_blocks_0/resnets_1/conv1/kernel` is
+`down_blocks.0.resnets.1.conv1.weight`. Conversion is therefore a rename plus a layout change
+(conv OIHW <-> HWIO, linear [out, in] <-> [in, out]), driven by the parameter tree that the config
+implies, so every tensor is checked for presence and shape against the config.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from jdiff.errors import CheckpointError
+
+# PyTorch ModuleLists: Flax names their items `name_i`, PyTorch keys them `name.i`.
+_LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+                 "transformer_blocks", "to_out", "net", "layers")
+_LIST_ITEM = re.compile(rf"({'|'.join(_LIST_MODULES)})_(\d+)")
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+# Buffers that the reference libraries may store but that are not parameters.
+_IGNORED_KEYS = re.compile(r".*(position_ids|num_batches_tracked)$")
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict key of a Flax parameter path."""
+    *modules, leaf = path
+    parts = [(f"{m[1]}.{m[2]}" if (m := _LIST_ITEM.fullmatch(p)) else p) for p in modules]
+    return ".".join(parts + [_LEAF_NAMES.get(leaf, leaf)])
+
+
+def to_torch_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+    return array
+
+
+def to_flax_layout(path: tuple[str, ...], tensor: np.ndarray, flax_ndim: int) -> np.ndarray:
+    if path[-1] == "kernel":
+        if tensor.ndim == 4 and flax_ndim == 2 and tensor.shape[2:] == (1, 1):
+            tensor = tensor[:, :, 0, 0]  # old checkpoints stored some linear layers as 1x1 convs
+        return tensor.transpose(2, 3, 1, 0) if tensor.ndim == 4 else tensor.T
+    return tensor
+
+
+def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return to_torch_layout(path, np.empty(flax_shape, dtype=np.bool_)).shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and writing folders.
+
+
+def _require_folder(folder) -> Path:
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist.")
+    if not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is a file, not a checkpoint folder.")
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a component folder: sharded (with an index) or single."""
+    indices = sorted(folder.glob("*.safetensors.index.json"))
+    if indices:
+        weight_map = read_json(indices[0]).get("weight_map", {})
+        return sorted({folder / name for name in weight_map.values()})
+    files = sorted(folder.glob("*.safetensors"))
+    plain = [f for f in files if f.name in ("diffusion_pytorch_model.safetensors", "model.safetensors")]
+    if plain or len(files) == 1:
+        return plain or files
+    if files:
+        raise CheckpointError(
+            f"{str(folder)!r} holds several weight files ({', '.join(f.name for f in files)}) and no "
+            "index; keep only the one to load."
+        )
+    pickled = [f.name for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled:
+        raise CheckpointError(
+            f"{str(folder)!r} has weights only as PyTorch pickles ({', '.join(sorted(pickled))}). jdiff "
+            "reads safetensors: re-save them with diffusers/transformers "
+            "`save_pretrained(folder, safe_serialization=True)`."
+        )
+    raise CheckpointError(f"{str(folder)!r} holds no .safetensors weights.")
+
+
+def read_state_dict(folder) -> dict[str, np.ndarray]:
+    state = {}
+    for path in _weight_files(_require_folder(folder)):
+        if not path.is_file():
+            raise CheckpointError(f"weight file {str(path)!r} (named in the index) is missing.")
+        try:
+            state.update(safetensors.numpy.load_file(str(path)))
+        except Exception as e:  # safetensors raises several types for truncated or garbled files
+            raise CheckpointError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+    return state
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], shapes, source: str):
+    """Flax params shaped like `shapes` (a tree of ShapeDtypeStruct) from a PyTorch state dict."""
+    flat_shapes = traverse_util.flatten_dict(shapes)
+    params, missing = {}, []
+    used = set()
+    for path, spec in flat_shapes.items():
+        key = torch_key(path)
+        if key not in state:
+            missing.append(key)
+            continue
+        tensor = state[key]
+        used.add(key)
+        expected = torch_shape(path, spec.shape)
+        if tensor.ndim == 4 and len(expected) == 2 and tensor.shape[2:] == (1, 1):
+            got = tensor.shape[:2]
+        else:
+            got = tensor.shape
+        if tuple(got) != tuple(expected):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(tensor.shape)} but the config implies "
+                f"{tuple(expected)}."
+            )
+        params[path] = jnp.asarray(to_flax_layout(path, tensor, len(spec.shape)), dtype=spec.dtype)
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[:5]}.")
+    unexpected = sorted(k for k in state if k not in used and not _IGNORED_KEYS.match(k))
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensors are not part of the configured model, "
+            f"e.g. {unexpected[:5]}."
+        )
+    return traverse_util.unflatten_dict(params)
+
+
+def state_dict_from_params(params) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    return {torch_key(p): np.ascontiguousarray(to_torch_layout(p, np.asarray(v))) for p, v in flat.items()}
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Writes through a temporary file and a rename, so a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_folder(folder, config: dict, state: dict[str, np.ndarray], weights_name: str) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / "config.json",
+                      lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    _write_atomically(folder / weights_name,
+                      lambda p: safetensors.numpy.save_file(state, p, metadata={"format": "pt"}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Components.
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """How one kind of model is found in, built from, and written to a checkpoint folder."""
+
+    class_names: tuple[str, ...]  # `_class_name` (diffusers) or `architectures` (transformers)
+    weights_name: str
+    parse_config: Callable[[dict, str], Any]
+    build: Callable[..., Any]  # (config, dtype=, param_dtype=, **options) -> flax module
+    example_inputs: Callable[[Any], tuple]  # config -> arguments for module.init
+    config_header: dict  # written in front of the config's own fields
+
+
+def _class_name(raw: dict) -> str:
+    return raw.get("_class_name") or (raw.get("architectures") or [""])[0]
+
+
+def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    folder = _require_folder(folder)
+    source = str(folder / "config.json")
+    raw = read_json(folder / "config.json")
+    name = _class_name(raw)
+    if name and name not in kind.class_names:
+        raise CheckpointError(f"{source}: this folder holds a {name}, not a {kind.class_names[0]}.")
+    config = kind.parse_config(raw, source)
+    module = kind.build(config, dtype=dtype, param_dtype=param_dtype, **options)
+    shapes = param_shapes(kind, module)
+    params = params_from_state_dict(read_state_dict(folder), shapes, source=str(folder))
+    return module, params
+
+
+def param_shapes(kind: Component, module):
+    """Parameter shapes and dtypes of `module`, without allocating them."""
+    inputs = kind.example_inputs(module.config)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+
+
+def save_component(kind: Component, module, params, folder) -> None:
+    config = {**kind.config_header, **module.config.to_dict()}
+    write_folder(folder, config, state_dict_from_params(params), kind.weights_name)
+
+
+def _unet() -> Component:
+    from jdiff.models import unet
+
+    return Component(
+        class_names=("UNet2DConditionModel",),
+        weights_name="diffusion_pytorch_model.safetensors",
+        parse_config=unet.UNetConfig.from_dict,
+        build=unet.UNet2DConditionModel.from_config,
+        example_inputs=unet.example_inputs,
+        config_header={"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"},
+    )
+
+
+def _vae() -> Component:
+    from jdiff.models import vae
+
+    return Component(
+        class_names=("AutoencoderKL",),
+        weights_name="diffusion_pytorch_model.safetensors",
+        parse_config=vae.VAEConfig.from_dict,
+        build=vae.AutoencoderKL.from_config,
+        example_inputs=vae.example_inputs,
+        config_header={"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"},
+    )
+
+
+def _text_encoder() -> Component:
+    from jdiff.models import text
+
+    return Component(
+        class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
+        weights_name="model.safetensors",
+        parse_config=text.CLIPTextConfig.from_dict,
+        build=text.CLIPTextModel.from_config,
+        example_inputs=text.example_inputs,
+        config_header={"model_type": "clip_text_model"},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points. Each `load_*` returns (module, params); `save_*` writes the same format.
+
+
+def load_unet(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """U-Net from a diffusers `unet/` folder. options: e.g. `gradient_checkpointing=True`."""
+    return load_component(_unet(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def load_vae(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """AutoencoderKL from a diffusers `vae/` folder."""
+    return load_component(_vae(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def load_text_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """CLIP text transformer from a transformers `text_encoder/` folder."""
+    return load_component(_text_encoder(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def save_unet(module, params, folder) -> None:
+    save_component(_unet(), module, params, folder)
+
+
+def save_vae(module, params, folder) -> None:
+    save_component(_vae(), module, params, folder)
+
+
+def save_text_encoder(module, params, folder) -> None:
+    save_component(_text_encoder(), module, params, folder)
+
+
+def load_tokenizer(folder, max_length: int = 77):
+    """`transformers.CLIPTokenizer` from a local `tokenizer/` folder (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    folder = _require_folder(folder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"tokenizer folder {str(folder)!r} has no {name}.")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if len(tokenizer) < 3:
+        raise CheckpointError(f"tokenizer in {str(folder)!r} loaded with an empty vocabulary.")
+    tokenizer.model_max_length = max_length
+    return tokenizer

@@ -1,0 +1,350 @@
+"""Text-conditioned U-Net (Stable Diffusion 1.x / 2.x), the Flax twin of diffusers' UNet2DConditionModel.
+
+Call: `unet.apply({"params": p}, x[B,H,W,C], t[B], context[B,L,D])` -> prediction [B,H,W,C_out].
+"""
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdiff.errors import ConfigError
+from jdiff.models import layers
+from jdiff.models.config import config_to_dict, parse_config, per_block
+
+Dtype = Any
+IntOrTuple = Union[int, tuple]
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+# diffusers UNet2DConditionModel arguments that jdiff does not implement, with the value accepted.
+_UNSUPPORTED = {
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_act_fn": None,
+    "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+    "dropout": 0.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The architectural fields of a diffusers `unet/config.json`, with diffusers' defaults."""
+
+    sample_size: Optional[int] = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    only_cross_attention: Union[bool, tuple] = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: IntOrTuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: Optional[int] = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: IntOrTuple = 1280
+    transformer_layers_per_block: IntOrTuple = 1
+    # Legacy diffusers naming: with num_attention_heads unset, attention_head_dim is the head *count*.
+    attention_head_dim: IntOrTuple = 8
+    num_attention_heads: Optional[IntOrTuple] = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    time_embedding_dim: Optional[int] = None
+    time_cond_proj_dim: Optional[int] = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    mid_block_only_cross_attention: Optional[bool] = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "unet config") -> "UNetConfig":
+        return parse_config(cls, raw, source=source, unsupported_defaults=_UNSUPPORTED)
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+    # Per-block views, as diffusers expands them.
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_out_channels)
+
+    def per_block(self, name: str) -> tuple:
+        return per_block(getattr(self, name), self.num_blocks, name)
+
+    @property
+    def heads(self) -> tuple:
+        return per_block(self.num_attention_heads or self.attention_head_dim, self.num_blocks, "heads")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    def validate(self, source: str) -> None:
+        n = self.num_blocks
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(f"{source}: {len(self.down_block_types)} down and {len(self.up_block_types)} "
+                              f"up block types for {n} block_out_channels.")
+        for kind, allowed in ((self.down_block_types, DOWN_BLOCKS), (self.up_block_types, UP_BLOCKS),
+                              ((self.mid_block_type,), MID_BLOCKS)):
+            for name in kind:
+                if name not in allowed:
+                    raise ConfigError(f"{source}: block type {name!r} is not supported; use one of {allowed}.")
+        for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                     "only_cross_attention"):
+            per_block(getattr(self, name), n, name, source)
+        heads = per_block(self.num_attention_heads or self.attention_head_dim, n, "attention heads", source)
+        groups = self.norm_num_groups
+        for channels, h in zip(self.block_out_channels, heads):
+            if channels % h:
+                raise ConfigError(f"{source}: {channels} channels do not split into {h} attention heads.")
+            if groups and channels % groups:
+                raise ConfigError(f"{source}: {channels} channels do not split into {groups} norm groups.")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ConfigError(f"{source}: resnet_time_scale_shift {self.resnet_time_scale_shift!r} is not "
+                              "supported; use 'default' or 'scale_shift'.")
+        layers.activation(self.act_fn)
+
+
+def example_inputs(config: UNetConfig) -> tuple:
+    """Smallest inputs that reach every parameter (for `init` under `jax.eval_shape`)."""
+    size = 2 ** (config.num_blocks - 1)
+    cross = config.per_block("cross_attention_dim")[0]
+    args = (jnp.zeros((1, size, size, config.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, cross)))
+    if config.time_cond_proj_dim:
+        args += (jnp.zeros((1, config.time_cond_proj_dim)),)
+    return args
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding; `cond_proj` adds a guidance-scale embedding (LCM)."""
+
+    features: int
+    act_fn: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, emb: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if cond is not None:
+            emb = emb + layers.dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(cond)
+        emb = layers.dense(self.features, name="linear_1", **kw)(emb)
+        return layers.dense(self.features, name="linear_2", **kw)(layers.activation(self.act_fn)(emb))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward; pre-LayerNorm residuals."""
+
+    heads: int
+    dim_head: int
+    only_cross_attention: bool
+    upcast: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+        attn = lambda name: layers.Attention(self.heads, self.dim_head, dim, upcast=self.upcast, name=name, **kw)
+        norm = lambda name: layers.layer_norm(1e-5, name=name, **kw)
+        x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
+        x = x + attn("attn2")(norm("norm2")(x), context)
+        return x + FeedForward(4 * dim, name="ff", **kw)(norm("norm3")(x))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: one matmul (`proj`) makes both the value and the gate."""
+
+    inner: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(layers.dense(2 * self.inner, self.dtype, self.param_dtype, "proj")(x), 2, axis=-1)
+        return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward: `net.0` is the GEGLU, `net.1` a dropout, `net.2` the output projection."""
+
+    inner: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(self.inner, self.dtype, self.param_dtype, name="net_0")(x)
+        return layers.dense(x.shape[-1], self.dtype, self.param_dtype, "net_2")(h)
+
+
+class Transformer2D(nn.Module):
+    """GroupNorm, project in, transformer blocks over the H*W tokens, project out, residual."""
+
+    heads: int
+    depth: int
+    groups: int
+    use_linear_projection: bool
+    only_cross_attention: bool
+    upcast: bool
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        # A 1x1 conv and a linear layer are the same map on NHWC; only the stored layout differs.
+        project = (lambda name: layers.dense(c, name=name, **kw)) if self.use_linear_projection else (
+            lambda name: layers.conv(c, 1, name=name, **kw))
+        y = layers.group_norm(self.groups, 1e-6, name="norm", **kw)(x)
+        y = project("proj_in")(y).reshape(b, h * w, c)
+        for i in range(self.depth):
+            y = BasicTransformerBlock(self.heads, c // self.heads, self.only_cross_attention, self.upcast,
+                                      name=f"transformer_blocks_{i}", **kw)(y, context)
+        return x + project("proj_out")(y.reshape(b, h, w, c))
+
+
+class _Block(nn.Module):
+    """Shared plumbing of the down, mid and up blocks: block `index`'s settings from the config."""
+
+    config: UNetConfig
+    index: int
+    gradient_checkpointing: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def resnet(self, name: str, scale: float = 1.0):
+        cfg = self.config
+        cls = nn.remat(layers.ResnetBlock2D) if self.gradient_checkpointing else layers.ResnetBlock2D
+        return cls(cfg.block_out_channels[self.index], cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
+                   cfg.resnet_time_scale_shift, scale, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def transformer(self, name: str, only_cross: bool):
+        cfg = self.config
+        cls = nn.remat(Transformer2D) if self.gradient_checkpointing else Transformer2D
+        return cls(cfg.heads[self.index], cfg.per_block("transformer_layers_per_block")[self.index],
+                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
+                   name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    @property
+    def only_cross(self) -> bool:
+        return self.config.per_block("only_cross_attention")[self.index]
+
+
+class DownBlock(_Block):
+    """CrossAttnDownBlock2D or DownBlock2D; returns the output and the skips it leaves behind."""
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg, i = self.config, self.index
+        attention = cfg.down_block_types[i] == "CrossAttnDownBlock2D"
+        skips = []
+        for j in range(cfg.per_block("layers_per_block")[i]):
+            x = self.resnet(f"resnets_{j}")(x, temb)
+            if attention:
+                x = self.transformer(f"attentions_{j}", self.only_cross)(x, context)
+            skips.append(x)
+        if i < cfg.num_blocks - 1:
+            x = layers.Downsample2D(cfg.block_out_channels[i], cfg.downsample_padding, name="downsamplers_0",
+                                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(_Block):
+    """resnet, (cross-attention transformer), resnet at the lowest resolution."""
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg = self.config
+        only_cross = cfg.mid_block_only_cross_attention
+        if only_cross is None:
+            only_cross = cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False
+        x = self.resnet("resnets_0", cfg.mid_block_scale_factor)(x, temb)
+        if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+            x = self.transformer("attentions_0", only_cross)(x, context)
+        return self.resnet("resnets_1", cfg.mid_block_scale_factor)(x, temb)
+
+
+class UpBlock(_Block):
+    """CrossAttnUpBlock2D or UpBlock2D (`index` counts down-path blocks); each resnet eats one skip."""
+
+    up_index: int = 0
+
+    @nn.compact
+    def __call__(self, x, temb, context, skips, upsample_size):
+        cfg, i = self.config, self.index
+        attention = cfg.up_block_types[self.up_index] == "CrossAttnUpBlock2D"
+        for j in range(len(skips)):
+            x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
+            x = self.resnet(f"resnets_{j}")(x, temb)
+            if attention:
+                x = self.transformer(f"attentions_{j}", self.only_cross)(x, context)
+        if upsample_size is not None:
+            x = layers.Upsample2D(cfg.block_out_channels[i], name="upsamplers_0", dtype=self.dtype,
+                                  param_dtype=self.param_dtype)(x, upsample_size)
+        return x
+
+
+class UNet2DConditionModel(nn.Module):
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    gradient_checkpointing: bool = False  # recompute resnets and transformers in the backward pass
+
+    @classmethod
+    def from_config(cls, config: UNetConfig, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+        return cls(config, dtype=dtype, param_dtype=param_dtype, **options)
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+                 timestep_cond: Optional[jax.Array] = None) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_kw = dict(gradient_checkpointing=self.gradient_checkpointing, **kw)
+        c0 = cfg.block_out_channels[0]
+
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        temb = layers.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
+        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding", **kw)(temb, timestep_cond)
+
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = layers.conv(c0, cfg.conv_in_kernel, name="conv_in", **kw)(sample.astype(self.dtype))
+        context = context.astype(self.dtype)
+
+        skips = [x]
+        for i in range(cfg.num_blocks):
+            x, block_skips = DownBlock(cfg, i, name=f"down_blocks_{i}", **block_kw)(x, temb, context)
+            skips += block_skips
+
+        if cfg.mid_block_type is not None:
+            x = MidBlock(cfg, cfg.num_blocks - 1, name="mid_block", **block_kw)(x, temb, context)
+
+        for i in range(cfg.num_blocks):
+            index = cfg.num_blocks - 1 - i
+            n = cfg.per_block("layers_per_block")[index] + 1
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size: odd latent sizes do not double exactly.
+            size = skips[-1].shape[1:3] if index > 0 else None
+            x = UpBlock(cfg, index, up_index=i, name=f"up_blocks_{i}", **block_kw)(
+                x, temb, context, block_skips, size)
+
+        if cfg.norm_num_groups:
+            x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x)
+            x = layers.activation(cfg.act_fn)(x)
+        return layers.conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **kw)(x)
