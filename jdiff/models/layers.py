@@ -109,11 +109,45 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
+# Query rows per block of the CPU attention: keeps one block of scores (rows x keys) near 16 MB.
+_CPU_SCORE_ELEMENTS = 1 << 22
+
+
+def _attention_one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention for one head, [T,H] x [S,H] -> [T,H], in query blocks that stay in cache."""
+    t, s = q.shape[0], k.shape[0]
+    rows = max(1, min(t, _CPU_SCORE_ELEMENTS // s))
+    blocks = -(-t // rows)
+    q = jnp.pad(q, ((0, blocks * rows - t), (0, 0))).reshape(blocks, rows, -1)
+
+    def block(qb):
+        scores = (qb * (q.shape[-1] ** -0.5)) @ k.T
+        p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        return (p @ v) / jnp.sum(p, axis=-1, keepdims=True)
+
+    return jax.lax.map(block, q).reshape(blocks * rows, -1)[:t]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention on [B,T,N,H] tensors.
+
+    On GPU and TPU this is `jax.nn.dot_product_attention` (cuDNN flash attention, fused TPU kernels).
+    On CPU, XLA materialises all heads' scores at once (8 x 4096 x 4096 floats per image for SD1.5's
+    first level) and runs 5x slower than PyTorch; one head and one block of queries at a time keeps
+    the scores in cache and beats PyTorch's flash kernel (measured in bench/models.py).
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v)
+    b, t, n, h = q.shape
+    heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
+    out = jax.lax.map(lambda qkv: _attention_one_head(*qkv), (heads(q), heads(k), heads(v)))
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' projection names (to_q, to_k, to_v, to_out.0).
 
-    Runs through `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU and a fused
-    kernel on TPU. `upcast` computes the attention in float32 (SD2's `upcast_attention`).
+    Runs through `dot_product_attention` below. `upcast` computes the attention in float32 (SD2's `upcast_attention`).
     """
 
     heads: int
@@ -134,7 +168,7 @@ class Attention(nn.Module):
         k = split(dense(inner, name="to_k", use_bias=self.qkv_bias, **kw)(context))
         v = split(dense(inner, name="to_v", use_bias=self.qkv_bias, **kw)(context))
         compute_dtype = jnp.float32 if self.upcast else q.dtype
-        out = jax.nn.dot_product_attention(
+        out = dot_product_attention(
             q.astype(compute_dtype), k.astype(compute_dtype), v.astype(compute_dtype)
         ).astype(q.dtype)
         out = out.reshape(out.shape[0], out.shape[1], inner)

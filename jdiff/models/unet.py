@@ -266,7 +266,7 @@ class DownBlock(_Block):
 
 
 class MidBlock(_Block):
-    """resnet, (cross-attention transformer), resnet at the lowest resolution."""
+    """resnet, cross-attention transformer, resnet at the lowest resolution (or one resnet alone)."""
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -275,8 +275,9 @@ class MidBlock(_Block):
         if only_cross is None:
             only_cross = cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False
         x = self.resnet("resnets_0", cfg.mid_block_scale_factor)(x, temb)
-        if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-            x = self.transformer("attentions_0", only_cross)(x, context)
+        if cfg.mid_block_type == "UNetMidBlock2D":  # diffusers builds it with a single resnet here
+            return x
+        x = self.transformer("attentions_0", only_cross)(x, context)
         return self.resnet("resnets_1", cfg.mid_block_scale_factor)(x, temb)
 
 
