@@ -104,15 +104,27 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{str(folder)!r} holds no .safetensors weights.")
 
 
+# Checkpoints written before diffusers 0.14 (many SD1.x/2.x `vae/` folders) name the VAE's
+# mid-block attention projections differently; diffusers renames them on load, and so do we.
+_LEGACY_ATTENTION = re.compile(r"(.*mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(weight|bias)")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _modern_key(key: str) -> str:
+    m = _LEGACY_ATTENTION.fullmatch(key)
+    return f"{m[1]}{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key
+
+
 def read_state_dict(folder) -> dict[str, np.ndarray]:
     state = {}
     for path in _weight_files(_require_folder(folder)):
         if not path.is_file():
             raise CheckpointError(f"weight file {str(path)!r} (named in the index) is missing.")
         try:
-            state.update(safetensors.numpy.load_file(str(path)))
+            tensors = safetensors.numpy.load_file(str(path))
         except Exception as e:  # safetensors raises several types for truncated or garbled files
             raise CheckpointError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
+        state.update((_modern_key(k), v) for k, v in tensors.items())
     return state
 
 

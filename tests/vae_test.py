@@ -1,11 +1,13 @@
 """AutoencoderKL parity with diffusers on random weights, for every supported option."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -191,3 +193,22 @@ def test_config_round_trip_and_errors(tmp_path):
     for key, value in bad.items():
         with pytest.raises(ConfigError, match=key if key != "act_fn" else "activation"):
             vae.VAEConfig.from_dict({**raw, key: value}, "vae")
+
+
+def test_legacy_attention_names_load(tmp_path):
+    """Pre-0.14 diffusers VAEs call the mid attention query/key/value/proj_attn, as 1x1 convs or linears."""
+    model, config = make_reference(tmp_path / "new", "sd")
+    state = safetensors.numpy.load_file(str(tmp_path / "new" / "diffusion_pytorch_model.safetensors"))
+    legacy = {}
+    for key, value in state.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            if f"mid_block.attentions.0.{new}." in key:
+                key = key.replace(f".{new}.", f".{old}.")
+                value = value[:, :, None, None] if value.ndim == 2 else value
+        legacy[key] = value
+    (tmp_path / "old").mkdir()
+    shutil.copy(tmp_path / "new" / "config.json", tmp_path / "old" / "config.json")
+    safetensors.numpy.save_file(legacy, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
+    _, new_params = load_vae(tmp_path / "new")
+    _, old_params = load_vae(tmp_path / "old")
+    jax.tree.map(np.testing.assert_array_equal, new_params, old_params)
