@@ -202,6 +202,7 @@ class Component:
     build: Callable[..., Any]  # (config, dtype=, param_dtype=, **options) -> flax module
     example_inputs: Callable[[Any], tuple]  # config -> arguments for module.init
     config_header: dict  # written in front of the config's own fields
+    canonical_keys: Callable[[dict], dict] = lambda state: state  # undo known key-naming variants
 
 
 def _class_name(raw: dict) -> str:
@@ -218,7 +219,8 @@ def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jn
     config = kind.parse_config(raw, source)
     module = kind.build(config, dtype=dtype, param_dtype=param_dtype, **options)
     shapes = param_shapes(kind, module)
-    params = params_from_state_dict(read_state_dict(folder), shapes, source=str(folder))
+    state = kind.canonical_keys(read_state_dict(folder))
+    params = params_from_state_dict(state, shapes, source=str(folder))
     return module, params
 
 
@@ -259,6 +261,14 @@ def _vae() -> Component:
     )
 
 
+def _with_text_model_prefix(state: dict) -> dict:
+    """transformers 5 saves a CLIPTextModel's keys without the `text_model.` prefix that
+    CLIPTextModelWithProjection and released checkpoints use; accept both."""
+    if any(k.startswith("text_model.") for k in state):
+        return state
+    return {(k if k.startswith("text_projection.") else f"text_model.{k}"): v for k, v in state.items()}
+
+
 def _text_encoder() -> Component:
     from jdiff.models import text
 
@@ -269,6 +279,7 @@ def _text_encoder() -> Component:
         build=text.CLIPTextModel.from_config,
         example_inputs=text.example_inputs,
         config_header={"model_type": "clip_text_model"},
+        canonical_keys=_with_text_model_prefix,
     )
 
 
