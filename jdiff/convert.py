@@ -199,7 +199,7 @@ class Component:
     class_names: tuple[str, ...]  # `_class_name` (diffusers) or `architectures` (transformers)
     weights_name: str
     parse_config: Callable[[dict, str], Any]
-    build: Callable[..., Any]  # (config, dtype=, param_dtype=, **options) -> flax module
+    build: Callable[..., Any]  # the Flax module class: (config, dtype=, param_dtype=, **options)
     example_inputs: Callable[[Any], tuple]  # config -> arguments for module.init
     config_header: dict  # written in front of the config's own fields
     canonical_keys: Callable[[dict], dict] = lambda state: state  # undo known key-naming variants
@@ -242,7 +242,7 @@ def _unet() -> Component:
         class_names=("UNet2DConditionModel",),
         weights_name="diffusion_pytorch_model.safetensors",
         parse_config=unet.UNetConfig.from_dict,
-        build=unet.UNet2DConditionModel.from_config,
+        build=unet.UNet2DConditionModel,
         example_inputs=unet.example_inputs,
         config_header={"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"},
     )
@@ -255,7 +255,7 @@ def _vae() -> Component:
         class_names=("AutoencoderKL",),
         weights_name="diffusion_pytorch_model.safetensors",
         parse_config=vae.VAEConfig.from_dict,
-        build=vae.AutoencoderKL.from_config,
+        build=vae.AutoencoderKL,
         example_inputs=vae.example_inputs,
         config_header={"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"},
     )
@@ -276,7 +276,7 @@ def _text_encoder() -> Component:
         class_names=("CLIPTextModel", "CLIPTextModelWithProjection"),
         weights_name="model.safetensors",
         parse_config=text.CLIPTextConfig.from_dict,
-        build=text.CLIPTextModel.from_config,
+        build=text.CLIPTextModel,
         example_inputs=text.example_inputs,
         config_header={"model_type": "clip_text_model"},
         canonical_keys=_with_text_model_prefix,

@@ -195,10 +195,6 @@ class CLIPTextModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     gradient_checkpointing: bool = False
 
-    @classmethod
-    def from_config(cls, config: CLIPTextConfig, dtype=jnp.float32, param_dtype=jnp.float32, **options):
-        return cls(config, dtype=dtype, param_dtype=param_dtype, **options)
-
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                  output_hidden_states: bool = False) -> CLIPTextOutput:

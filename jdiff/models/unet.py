@@ -307,10 +307,6 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     gradient_checkpointing: bool = False  # recompute resnets and transformers in the backward pass
 
-    @classmethod
-    def from_config(cls, config: UNetConfig, dtype=jnp.float32, param_dtype=jnp.float32, **options):
-        return cls(config, dtype=dtype, param_dtype=param_dtype, **options)
-
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
                  timestep_cond: Optional[jax.Array] = None) -> jax.Array:

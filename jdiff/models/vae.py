@@ -272,10 +272,6 @@ class AutoencoderKL(nn.Module):
     param_dtype: Dtype = jnp.float32
     gradient_checkpointing: bool = False  # recompute resnets and attention in the backward pass
 
-    @classmethod
-    def from_config(cls, config: VAEConfig, dtype=jnp.float32, param_dtype=jnp.float32, **options):
-        return cls(config, dtype=dtype, param_dtype=param_dtype, **options)
-
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
