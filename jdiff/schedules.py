@@ -4,11 +4,15 @@ Pure numpy (float64 where diffusers computes in float64) so the values equal the
 samplers turn them into device arrays once per call.
 """
 
+import dataclasses
+import json
 import math
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
-from jdiff.errors import ConfigError
+from jdiff.errors import CheckpointError, ConfigError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -31,16 +35,17 @@ def betas(schedule: str = "scaled_linear", num_train_timesteps: int = 1000, beta
 
 def rescale_zero_terminal_snr(betas_: np.ndarray) -> np.ndarray:
     """Shifts and scales sqrt(alphas_cumprod) so the last timestep is pure noise (Lin et al. 2023)."""
-    root = np.sqrt(np.cumprod(1.0 - betas_, axis=0))
+    root = np.sqrt(alphas_cumprod(betas_))
     first, last = root[0].copy(), root[-1].copy()
     root = (root - last) * first / (first - last)
-    alphas_cumprod = root**2
-    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    cumulative = root**2
+    alphas = np.concatenate([cumulative[:1], cumulative[1:] / cumulative[:-1]])
     return (1 - alphas).astype(betas_.dtype)
 
 
 def alphas_cumprod(betas_: np.ndarray) -> np.ndarray:
-    return np.cumprod(1.0 - betas_, axis=0)
+    # accumulated in float64 and rounded once, as torch.cumprod does for float32 input
+    return np.cumprod((1.0 - betas_).astype(np.float64), axis=0).astype(betas_.dtype)
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod_: np.ndarray) -> np.ndarray:
@@ -85,3 +90,156 @@ def sigma_to_timestep(sigma: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray
     high = low + 1
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     return (1 - w) * low + w * high
+
+
+# --- prediction types -------------------------------------------------------------------------
+# A noisy sample is x = alpha * x0 + sigma * eps with alpha = sqrt(alphas_cumprod), sigma = sqrt(1 -
+# alphas_cumprod). The formulas are written in diffusers' operation order so float32 results agree.
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}.")
+
+
+def predicted_x0(output, x, alpha, sigma, prediction_type: str):
+    """The clean sample implied by a model `output` of the given prediction type at noisy `x`."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * output
+    return output
+
+
+def predicted_eps(output, x, alpha, sigma, prediction_type: str):
+    """The noise implied by a model `output` of the given prediction type at noisy `x`."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha * output + sigma * x
+    return (x - alpha * output) / sigma
+
+
+def prediction_target(x0, eps, alpha, sigma, prediction_type: str):
+    """What a model of this prediction type should output for the noisy sample alpha*x0 + sigma*eps."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    return x0
+
+
+# --- scheduler_config.json ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The noise schedule and sampler settings of a checkpoint (diffusers' scheduler fields).
+
+    Field defaults are diffusers' DDIMScheduler defaults; `for_sampler` swaps in the defaults of
+    the diffusers class that matches a sampler, as `SomeScheduler.from_config(config)` would.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple | None = None
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    variance_type: str = "fixed_small"  # DDPM
+    use_karras_sigmas: bool = False  # Euler, DPM-Solver++
+    final_sigmas_type: str = "zero"  # DPM-Solver++
+    solver_type: str = "midpoint"  # DPM-Solver++
+    lower_order_final: bool = True  # DPM-Solver++
+    euler_at_final: bool = False  # DPM-Solver++
+    original_inference_steps: int = 50  # LCM
+    timestep_scaling: float = 10.0  # LCM
+    shift: float = 1.0  # flow matching
+
+    def validate(self, source: str = "scheduler config") -> None:
+        checks = {
+            "beta_schedule": (self.beta_schedule, BETA_SCHEDULES),
+            "prediction_type": (self.prediction_type, PREDICTION_TYPES),
+            "timestep_spacing": (self.timestep_spacing, SPACINGS),
+            "variance_type": (self.variance_type, ("fixed_small", "fixed_large")),
+            "final_sigmas_type": (self.final_sigmas_type, ("zero", "sigma_min")),
+            "solver_type": (self.solver_type, ("midpoint", "heun")),
+        }
+        for name, (value, valid) in checks.items():
+            if value not in valid:
+                raise ConfigError(f"{source}: {name} {value!r} is not supported; use one of {valid}.")
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"{source}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ConfigError(f"{source}: trained_betas has {len(self.trained_betas)} values for "
+                              f"{self.num_train_timesteps} timesteps.")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "scheduler config") -> "SchedulerConfig":
+        """Known fields of `raw`; the rest belong to other scheduler classes and are ignored, as
+        diffusers' `from_config` does. Settings jdiff cannot honour are refused by name."""
+        for key, allowed in _UNSUPPORTED.items():
+            if key in raw and raw[key] not in allowed:
+                raise ConfigError(f"{source}: {key} = {raw[key]!r} is not supported by jdiff.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
+        config = cls(**kwargs)
+        config.validate(source)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def for_sampler(self, sampler_defaults: Mapping[str, Any], explicit: frozenset) -> "SchedulerConfig":
+        """This config with `sampler_defaults` applied to every field not in `explicit`."""
+        return dataclasses.replace(self, **{k: v for k, v in sampler_defaults.items() if k not in explicit})
+
+
+# Scheduler options whose non-default values would change results in ways jdiff does not implement.
+_UNSUPPORTED = {
+    "thresholding": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "use_lu_lambdas": (False, None),
+    "use_dynamic_shifting": (False, None),
+    "algorithm_type": ("dpmsolver++", None),
+    "interpolation_type": ("linear", None),
+    "timestep_type": ("discrete", None),
+    "invert_sigmas": (False, None),
+    "stochastic_sampling": (False, None),
+}
+
+
+def read_scheduler_config(path) -> tuple[SchedulerConfig, frozenset]:
+    """A checkpoint's `scheduler/scheduler_config.json` (a file or its folder), and the set of
+    fields it sets explicitly (so per-sampler defaults fill only the others)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "scheduler_config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: a diffusion checkpoint needs a scheduler config.")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+    return SchedulerConfig.from_dict(raw, str(path)), frozenset(raw)
+
+
+def train_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """alphas_cumprod of every training timestep, float32 as diffusers holds them."""
+    if config.trained_betas is not None:
+        b = np.asarray(config.trained_betas, dtype=np.float32)
+    else:
+        b = betas(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end)
+    if config.rescale_betas_zero_snr:
+        b = rescale_zero_terminal_snr(b)
+    return alphas_cumprod(b).astype(np.float32)
