@@ -10,5 +10,7 @@ from jdiff.convert import (
     save_vae,
 )
 from jdiff.errors import CheckpointError, ConfigError
+from jdiff.pipeline import Pipeline, generate, load_pipeline
+from jdiff.samplers import SAMPLERS
 
 __version__ = "0.1.0"

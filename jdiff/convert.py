@@ -315,13 +315,15 @@ def save_text_encoder(module, params, folder) -> None:
 
 
 def load_tokenizer(folder, max_length: int = 77):
-    """`transformers.CLIPTokenizer` from a local `tokenizer/` folder (vocab.json + merges.txt)."""
+    """`transformers.CLIPTokenizer` from a local `tokenizer/` folder: vocab.json + merges.txt (the
+    slow format of released checkpoints) or tokenizer.json (what transformers 5 writes)."""
     from transformers import CLIPTokenizer
 
     folder = _require_folder(folder)
-    for name in ("vocab.json", "merges.txt"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"tokenizer folder {str(folder)!r} has no {name}.")
+    has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe_files and not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"tokenizer folder {str(folder)!r} has neither vocab.json + merges.txt "
+                              f"nor tokenizer.json.")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     if len(tokenizer) < 3:
         raise CheckpointError(f"tokenizer in {str(folder)!r} loaded with an empty vocabulary.")

@@ -16,6 +16,7 @@ from jdiff.convert import load_text_encoder, load_tokenizer, save_text_encoder
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.models.text import clip_skip_hidden_state
 from parity import max_rel_error, randomize_torch
+from tiny_models import write_tiny_tokenizer
 
 VOCAB = 1000
 VARIANTS = {
@@ -103,20 +104,6 @@ def test_unknown_config_field(tmp_path):
         load_text_encoder(tmp_path)
 
 
-def write_tiny_tokenizer(folder):
-    """A byte-level BPE vocabulary small enough to write by hand, in CLIP's on-disk format."""
-    # GPT-2's byte-to-character table: printable bytes stand for themselves, the rest map past 255.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>")]
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-
-
 def test_tokenizer_pads_and_truncates_to_77(tmp_path):
     reference = write_tiny_tokenizer(tmp_path / "tokenizer")
     tokenizer = load_tokenizer(tmp_path / "tokenizer")
@@ -133,5 +120,5 @@ def test_tokenizer_pads_and_truncates_to_77(tmp_path):
 def test_tokenizer_folder_without_vocabulary(tmp_path):
     write_tiny_tokenizer(tmp_path / "tokenizer")
     (tmp_path / "tokenizer" / "vocab.json").unlink()
-    with pytest.raises(CheckpointError, match="no vocab.json"):
+    with pytest.raises(CheckpointError, match="neither vocab.json"):
         load_tokenizer(tmp_path / "tokenizer")

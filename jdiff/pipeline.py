@@ -1,0 +1,313 @@
+"""Text-to-image, image-to-image and inpainting: `load_pipeline()` and `generate()`.
+
+Text encoding, the whole sampling loop and the VAE decode run as one jitted function. Prompts,
+negative prompts, seeds, guidance scale, strength, step count and the init image are traced
+values: changing them reuses the compiled program. A new batch or image size, sampler, dtype, or
+switching guidance on or off (guidance <= 1 skips the unconditional half, as diffusers does)
+compiles once more. The batch is sharded over the `data` axis of a device mesh (all devices by
+default); each image's noise comes from its own seed, so results do not depend on the device count.
+"""
+
+import dataclasses
+import functools
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jdiff import convert, guidance as guidance_lib, samplers
+from jdiff.errors import CheckpointError, ConfigError
+from jdiff.models.vae import scale_latents, unscale_latents
+from jdiff.schedules import SchedulerConfig, read_scheduler_config
+
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """The models of a latent diffusion checkpoint and their parameters."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: SchedulerConfig
+    scheduler_fields: frozenset  # fields the checkpoint's scheduler config sets explicitly
+    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
+    source: str = ""
+    _placed: dict = dataclasses.field(default_factory=dict, repr=False)  # params per mesh
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+
+def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+    """A diffusers-format Stable Diffusion folder (`model_index.json`, `unet/`, `vae/`,
+    `text_encoder/`, `tokenizer/`, `scheduler/`). `dtype` is the compute dtype (bfloat16 on
+    accelerators); parameters are stored in `param_dtype`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
+    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{str(folder)!r} is not a diffusion checkpoint: it lacks {', '.join(m + '/' for m in missing)} "
+            f"(expected a diffusers pipeline folder with {', '.join(_COMPONENTS)}).")
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    unet, unet_params = convert.load_unet(folder / "unet", **kw)
+    vae, vae_params = convert.load_vae(folder / "vae", **kw)
+    text_encoder, text_params = convert.load_text_encoder(folder / "text_encoder", **kw)
+    tokenizer = convert.load_tokenizer(folder / "tokenizer", text_encoder.config.max_position_embeddings)
+    scheduler, fields = read_scheduler_config(folder / "scheduler")
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
+    return Pipeline(unet, vae, text_encoder, tokenizer, scheduler, fields, params, str(folder))
+
+
+# --- host-side input preparation ----------------------------------------------------------------
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Token ids [B, max_length], truncated with a warning as diffusers does."""
+    max_length = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np").input_ids
+    full = tokenizer(list(prompts), padding="longest", truncation=False).input_ids
+    for prompt, tokens in zip(prompts, full):
+        if len(tokens) > max_length:
+            removed = tokenizer.decode(tokens[max_length - 1:-1])
+            warnings.warn(f"prompt {prompt[:40]!r}... is longer than the text encoder's {max_length} tokens; "
+                          f"this part was cut off: {removed!r}", stacklevel=3)
+    return ids.astype(np.int32)
+
+
+def _as_list(value, n: int, name: str) -> list:
+    if value is None or isinstance(value, str):
+        return [value or ""] * n
+    value = list(value)
+    if len(value) != n:
+        raise ConfigError(f"{name} has {len(value)} entries for {n} prompts.")
+    return value
+
+
+def _images(value, name: str, batch: int, channels: int) -> np.ndarray:
+    """[B, H, W, C] float32 from an array (or PIL image) with values in [0, 1]."""
+    if hasattr(value, "convert"):  # a PIL image
+        value = np.asarray(value.convert("RGB" if channels == 3 else "L"), np.float32) / 255.0
+    array = np.asarray(value, np.float32)
+    if array.ndim == 2 and channels == 1:
+        array = array[..., None]
+    if array.ndim == 3 and array.shape[-1] != channels and channels == 1:
+        array = array[..., None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != channels:
+        raise ConfigError(f"{name} must be [B, H, W, {channels}] (or one [H, W, {channels}] image), "
+                          f"got shape {np.shape(value)}.")
+    if array.shape[0] == 1 and batch > 1:
+        array = np.repeat(array, batch, axis=0)
+    if array.shape[0] != batch:
+        raise ConfigError(f"{name} has {array.shape[0]} images for {batch} prompts.")
+    if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
+        raise ConfigError(f"{name} values must be finite and in [0, 1].")
+    return array
+
+
+def _seeds(seed, batch: int) -> np.ndarray:
+    """Per-image seeds: an int seed s gives images s, s+1, ...; a list gives one seed per image."""
+    if isinstance(seed, (int, np.integer)):
+        seeds = np.arange(batch, dtype=np.int64) + int(seed)
+    else:
+        seeds = np.asarray(list(seed), np.int64)
+        if seeds.shape != (batch,):
+            raise ConfigError(f"seed must be an int or one seed per prompt ({batch}), got {len(seeds)}.")
+    return (seeds % 2**32).astype(np.uint32)
+
+
+# --- the compiled program ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program (hashable: a jit cache key)."""
+
+    pipe_modules: tuple  # (unet, vae, text_encoder) Flax modules
+    sampler: str
+    scheduler: SchedulerConfig
+    latent_shape: tuple  # [B, h, w, C]
+    mode: str  # "text" | "image" | "inpaint"
+    use_cfg: bool
+    clip_skip: int
+    given_noise: bool
+
+
+def _encode_text(text_encoder, params, ids, clip_skip: int):
+    from jdiff.models.text import clip_skip_hidden_state
+
+    output = text_encoder.apply({"params": params}, ids, output_hidden_states=clip_skip > 0)
+    return clip_skip_hidden_state(params, output, clip_skip, text_encoder.config)
+
+
+def _encode_image(vae, params, images):
+    """Latents of images in [-1, 1]: the posterior mean, scaled (deterministic; see generate)."""
+    posterior = vae.apply({"params": params}, images, method="encode")
+    return scale_latents(vae.config, posterior.mode())
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, image, mask, *, static: _Static):
+    unet, vae, text_encoder = static.pipe_modules
+    context = _encode_text(text_encoder, params["text_encoder"], ids, static.clip_skip)
+    keys = jax.vmap(jax.random.key)(seeds)
+    noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+    if not static.given_noise:
+        noise = jax.vmap(lambda k: jax.random.normal(k, static.latent_shape[1:], jnp.float32))(noise_keys)
+
+    timestep_cond = None
+    if unet.config.time_cond_proj_dim:  # LCM-distilled U-Nets take the guidance scale as an input
+        timestep_cond = guidance_lib.guidance_scale_embedding(
+            jnp.full((ids.shape[0],), scale - 1), unet.config.time_cond_proj_dim)
+
+    def unet_fn(x, t, ctx):
+        return unet.apply({"params": params["unet"]}, x, t, ctx, timestep_cond)
+
+    name = static.sampler
+    known, extra = None, None
+    x = samplers.initial_latents(name, noise, plan)
+    if static.mode != "text":
+        image = image * 2 - 1
+        image_latents = _encode_image(vae, params["vae"], image)
+        noised = samplers.noised_latents(name, image_latents, noise, plan)
+        x = noised if static.mode == "image" else jnp.where(plan.start == 0, x, noised)
+    if static.mode == "inpaint":
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        keep = (mask >= 0.5).astype(jnp.float32)  # 1 = repaint, binarised as diffusers does
+        latent_mask = keep[:, ::f, ::f]
+        if unet.config.in_channels == 4 + 1 + static.latent_shape[-1]:  # an inpainting U-Net
+            masked = _encode_image(vae, params["vae"], image * (1 - keep))  # masked region -> 0 (grey)
+            extra = jnp.concatenate([latent_mask, masked], axis=-1)
+        else:  # an ordinary U-Net: keep the known region on the noisy trajectory every step
+            known = (image_latents, latent_mask, noise)
+
+    if static.use_cfg:
+        negative = _encode_text(text_encoder, params["text_encoder"], negative_ids, static.clip_skip)
+        denoise = guidance_lib.classifier_free_guidance(unet_fn, context, negative, scale, rescale, extra)
+    else:
+        denoise = guidance_lib.unguided(unet_fn, context, extra)
+
+    latents = samplers.sample(name, denoise, x, plan, step_keys, static.scheduler, known=known)
+    images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, latents), method="decode")
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def default_mesh() -> Mesh:
+    """A one-axis `data` mesh over every device of every host."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _placed_params(pipe: Pipeline, mesh: Mesh):
+    key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+    if key not in pipe._placed:
+        pipe._placed.clear()
+        pipe._placed[key] = jax.device_put(pipe.params, NamedSharding(mesh, P()))
+    return pipe._placed[key]
+
+
+def generate(
+    pipe: Pipeline,
+    prompts: Union[str, Sequence[str]],
+    *,
+    negative_prompts: Union[None, str, Sequence[str]] = None,
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: Union[int, Sequence[int]] = 0,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    latents=None,
+    init_image=None,
+    strength: float = 0.8,
+    mask=None,
+    eta: float = 0.0,
+    guidance_rescale: float = 0.0,
+    clip_skip: int = 0,
+    mesh: Optional[Mesh] = None,
+) -> np.ndarray:
+    """Images [B, H, W, 3] in [0, 1] for `prompts`.
+
+    latents: NHWC starting noise [B, H/8, W/8, C] before the sampler's initial scaling (diffusers'
+      `latents=` after a transpose); by default drawn from each image's seed.
+    init_image: [B, H, W, 3] (or one [H, W, 3] image, or PIL) in [0, 1] for image-to-image: the
+      last int(steps * strength) steps run from the image noised to that level. It is encoded with
+      the VAE posterior's mean (deterministic), not a sample of it.
+    mask: [B, H, W] (or [H, W]) with init_image: inpaint where mask >= 0.5. Inpainting U-Nets (9
+      input channels) see the mask and masked image; ordinary ones keep the unmasked region's
+      latents on the noisy trajectory every step.
+    seed: an int s gives image b the seed s + b; or one seed per image.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ConfigError("no prompts given.")
+    samplers.check_sampler(sampler)
+    batch = len(prompts)
+    negatives = _as_list(negative_prompts, batch, "negative_prompts")
+    f = pipe.vae_scale_factor
+
+    image = mask_array = None
+    mode = "text"
+    if init_image is not None:
+        image = _images(init_image, "init_image", batch, 3)
+        mode = "image"
+        height = height or image.shape[1]
+        width = width or image.shape[2]
+        if image.shape[1:3] != (height, width):
+            raise ConfigError(f"init_image is {image.shape[2]}x{image.shape[1]} but {width}x{height} was asked for.")
+    if mask is not None:
+        if image is None:
+            raise ConfigError("mask needs an init_image to inpaint.")
+        mask_array = _images(mask, "mask", batch, 1)
+        if mask_array.shape[1:3] != image.shape[1:3]:
+            raise ConfigError(f"mask is {mask_array.shape[2]}x{mask_array.shape[1]} but the image is "
+                              f"{image.shape[2]}x{image.shape[1]}: they must be the same size.")
+        mode = "inpaint"
+    height, width = height or pipe.default_size, width or pipe.default_size
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ConfigError(f"height and width must be positive multiples of {f}, got {height}x{width}.")
+    channels = pipe.vae.config.latent_channels
+    latent_shape = (batch, height // f, width // f, channels)
+    if latents is not None:
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != latent_shape:
+            raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
+
+    config = samplers.sampler_config(sampler, pipe.scheduler, pipe.scheduler_fields)
+    plan = samplers.make_plan(sampler, config, steps, strength=strength if mode != "text" else 1.0, eta=eta)
+    use_cfg = guidance > 1 and not pipe.unet.config.time_cond_proj_dim
+    static = _Static((pipe.unet, pipe.vae, pipe.text_encoder), sampler, config, latent_shape, mode, use_cfg,
+                     clip_skip, latents is not None)
+
+    # Pad the batch to a multiple of the data axis, shard it, and drop the padding afterwards.
+    mesh = mesh or default_mesh()
+    size = mesh.shape["data"]
+    padded = -(-batch // size) * size
+    pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
+    batch_inputs = [tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer, negatives), _seeds(seed, batch),
+                    latents, image, mask_array]
+    sharded = NamedSharding(mesh, P("data"))
+    batch_inputs = [None if a is None else jax.device_put(pad(a), sharded) for a in batch_inputs]
+    replicated = NamedSharding(mesh, P())
+    scalars = jax.device_put((plan, np.float32(guidance), np.float32(guidance_rescale)), replicated)
+    static = dataclasses.replace(static, latent_shape=(padded,) + latent_shape[1:])
+    ids, negative_ids, seeds, noise, image, mask_array = batch_inputs
+    images = _generate(_placed_params(pipe, mesh), ids, negative_ids, seeds, noise, scalars[0], scalars[1],
+                       scalars[2], image, mask_array, static=static)
+    return np.asarray(images)[:batch]

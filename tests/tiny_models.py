@@ -1,0 +1,58 @@
+"""Tiny random reference models written in the exact on-disk formats of real checkpoints."""
+
+import json
+
+import torch
+from transformers import CLIPTokenizer
+
+from parity import randomize_torch
+
+
+def write_tiny_tokenizer(folder):
+    """A byte-level BPE vocabulary small enough to write by hand, in CLIP's on-disk format."""
+    # GPT-2's byte-to-character table: printable bytes stand for themselves, the rest map past 255.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                    clip_sample=False, set_alpha_to_one=False)
+
+
+def make_tiny_sd_pipeline(folder, *, in_channels=4, time_cond_proj_dim=None, seed=0):
+    """A StableDiffusionPipeline (or inpainting one, in_channels=9) with random weights: VAE with
+    factor 8 on 4 latent channels, a two-level U-Net with cross-attention, a 2-layer CLIP."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_tiny_tokenizer(folder / "_tokenizer_src")
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, time_cond_proj_dim=time_cond_proj_dim)
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    # Scales chosen so that the prompt, guidance and negative prompt each move pixels by several
+    # times the 2/255 parity tolerance (weaker weights give images that ignore the text).
+    for i, (module, scale) in enumerate(((unet, 1.5), (vae, 0.7), (text, 0.3))):
+        randomize_torch(module, scale=scale, seed=seed + i)
+    cls = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    # Reload, so the reference reads the same files as jdiff (an in-memory scheduler config also
+    # remembers which fields were defaults, which changes what `from_config` picks).
+    return cls.from_pretrained(folder)
