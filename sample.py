@@ -1,0 +1,67 @@
+"""Generate images from a diffusers-format checkpoint: python sample.py --model DIR --prompt "..."."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+import jdiff
+from jdiff import image_io, prompts, sample_lib
+from jdiff.errors import CheckpointError, ConfigError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True, help="diffusers pipeline folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed}")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--sampler", default="ddim", choices=jdiff.SAMPLERS)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--init-image", help="image-to-image: the starting picture")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change")
+    p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
+    p.add_argument("--out", default="samples")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.compile_cache:
+            sample_lib.enable_compilation_cache(args.compile_cache)
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
+        entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
+        jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
+        pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+        settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, height=args.height,
+                        width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
+        if args.init_image:
+            settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
+        if args.mask:
+            settings["mask"] = image_io.load_image(args.mask, mode="L")
+        inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask)) if v}
+        stats = sample_lib.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(stats.summary())
+    print(f"wrote {len(jobs)} images and grid.png to {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
