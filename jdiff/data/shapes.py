@@ -1,0 +1,189 @@
+"""Captioned shapes: a procedurally generated text-to-image set small enough to train on a CPU.
+
+Every example is a pure function of (index, split, resolution, seed), so nothing needs to be
+stored to reproduce it. The scene (which objects, where, how big) depends on (index, split, seed)
+only; resolution changes the rendering, not the content, so a 32 px and a 64 px example with the
+same index show the same scene and carry the same caption.
+
+The test split measures compositional generalisation: its first object always has a
+(colour, shape, position) combination that never occurs anywhere in the train split, while every
+colour, shape, position and every pair of them does occur in training.
+"""
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jdiff.errors import ConfigError
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+SIZES = ("small", "large")
+# Row-major 3x3 grid: position id = 3 * row + column.
+POSITIONS = ("top left", "top", "top right",
+             "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+SPLITS = ("train", "test")
+MAX_OBJECTS = 2
+
+# Saturated colours far from each other and from the light grey background.
+COLOUR_RGB = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 60),
+    "blue": (35, 75, 215),
+    "yellow": (240, 215, 20),
+    "purple": (135, 50, 185),
+    "orange": (245, 135, 20),
+}
+
+TWO_OBJECT_PROBABILITY = 0.5
+# Object diameter as a fraction of the image side. A grid cell is 1/3 wide, so even a large object
+# with its jitter stays inside its own cell and two objects in different cells never touch.
+DIAMETER_RANGE = {"small": (0.15, 0.19), "large": (0.25, 0.29)}
+CELL_MARGIN = 0.02
+SUPERSAMPLE = 4  # drawn this many times larger, then box-filtered down: cheap antialiasing
+BACKGROUND_RANGE = (195, 225)  # grey level of the plain background, varied per image
+NOISE_STD = 3.0  # per-pixel noise in grey levels, so no two backgrounds are identical
+
+
+class Object(NamedTuple):
+    """The labels of one object, as indices into SHAPES, COLOURS, SIZES and POSITIONS."""
+    shape: int
+    colour: int
+    size: int
+    position: int
+
+
+class Placed(NamedTuple):
+    """An object and where it is drawn, in fractions of the image side (resolution-free)."""
+    object: Object
+    x: float  # centre
+    y: float
+    diameter: float
+    rgb: tuple[int, int, int]
+
+
+def is_held_out(colour: int, shape: int, position: int) -> bool:
+    """True for the (colour, shape, position) combinations reserved for the test split.
+
+    (3c + 5s + p) mod 8 == 0 holds out about 1 in 8 combinations. Because 3 and 5 are invertible
+    mod 8 and there are at most 9 positions, fixing any two of (c, s, p) leaves at most two held-out
+    values of the third, so every pair of attributes still occurs in training.
+    """
+    return (3 * colour + 5 * shape + position) % 8 == 0
+
+
+HELD_OUT = tuple((c, s, p) for c in range(len(COLOURS)) for s in range(len(SHAPES))
+                 for p in range(len(POSITIONS)) if is_held_out(c, s, p))
+TRAIN_COMBINATIONS = tuple((c, s, p) for c in range(len(COLOURS)) for s in range(len(SHAPES))
+                           for p in range(len(POSITIONS)) if not is_held_out(c, s, p))
+
+
+def describe(obj: Object) -> str:
+    return f"a {SIZES[obj.size]} {COLOURS[obj.colour]} {SHAPES[obj.shape]} at the {POSITIONS[obj.position]}"
+
+
+def caption(objects: Sequence[Object]) -> str:
+    """"a small red circle at the top left", objects joined by "and" in drawing order."""
+    if not objects:
+        raise ConfigError("a caption needs at least one object.")
+    return " and ".join(describe(Object(*obj)) for obj in objects)
+
+
+def _split_id(split: str) -> int:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}.")
+    return SPLITS.index(split)
+
+
+def _place(rng: np.random.Generator, combination, used_positions) -> Placed:
+    colour, shape, position = combination
+    size = int(rng.integers(len(SIZES)))
+    diameter = float(rng.uniform(*DIAMETER_RANGE[SIZES[size]]))
+    row, column = divmod(position, 3)
+    slack = max(0.0, (1 / 3 - diameter) / 2 - CELL_MARGIN)
+    x = (column + 0.5) / 3 + float(rng.uniform(-slack, slack))
+    y = (row + 0.5) / 3 + float(rng.uniform(-slack, slack))
+    # A slightly varied shade keeps the model from matching one exact RGB value per colour name.
+    rgb = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in COLOUR_RGB[COLOURS[colour]])
+    used_positions.add(position)
+    return Placed(Object(shape, colour, size, position), x, y, diameter, rgb)
+
+
+def _pick(rng: np.random.Generator, pool, used_positions):
+    """A combination from pool whose position is still free (pools cover every position)."""
+    while True:
+        combination = pool[int(rng.integers(len(pool)))]
+        if combination[2] not in used_positions:
+            return combination
+
+
+def scene(index: int, split: str = "train", seed: int = 0) -> tuple[Placed, ...]:
+    """The objects of example `index`: one or two, in different grid cells.
+
+    train: every object's combination is a training one. test: the first object's combination is
+    held out, the second (if any) is a training one, so each test caption has exactly one novel part.
+    """
+    split_id = _split_id(split)
+    if index < 0 or seed < 0:
+        raise ConfigError(f"shapes index and seed must be non-negative (got index={index}, seed={seed}).")
+    rng = np.random.default_rng([seed, split_id, index])
+    used: set[int] = set()
+    first_pool = HELD_OUT if split == "test" else TRAIN_COMBINATIONS
+    placed = [_place(rng, _pick(rng, first_pool, used), used)]
+    if rng.random() < TWO_OBJECT_PROBABILITY:
+        placed.append(_place(rng, _pick(rng, TRAIN_COMBINATIONS, used), used))
+    return tuple(placed)
+
+
+def _draw(draw: ImageDraw.ImageDraw, placed: Placed, side: int) -> None:
+    x, y, r = placed.x * side, placed.y * side, placed.diameter * side / 2
+    name = SHAPES[placed.object.shape]
+    if name == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=placed.rgb)
+    elif name == "square":
+        s = 0.9 * r  # a full-box square looks much bigger than a circle of the same diameter
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=placed.rgb)
+    else:  # upright triangle filling the bounding box
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=placed.rgb)
+
+
+def render(objects: Sequence[Placed], resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [resolution, resolution, 3]: the objects on a plain, slightly noisy grey background."""
+    side = resolution * SUPERSAMPLE
+    grey = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1))
+    canvas = Image.new("RGB", (side, side), (grey, grey, grey))
+    draw = ImageDraw.Draw(canvas)
+    for placed in objects:
+        _draw(draw, placed, side)
+    image = np.asarray(canvas.reduce(SUPERSAMPLE), np.float32)
+    image += rng.normal(0.0, NOISE_STD, image.shape).astype(np.float32)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def labels(objects: Sequence[Object]) -> dict:
+    """The first object's label ids, the object count, and every object as a [MAX_OBJECTS, 4] array
+    of (shape, colour, size, position) rows padded with -1."""
+    table = np.full((MAX_OBJECTS, 4), -1, np.int32)
+    table[:len(objects)] = np.asarray(objects, np.int32).reshape(-1, 4)
+    first = objects[0]
+    return {"shape": first.shape, "colour": first.colour, "size": first.size, "position": first.position,
+            "num_objects": len(objects), "objects": table}
+
+
+def check_resolution(resolution: int) -> int:
+    if not isinstance(resolution, (int, np.integer)) or resolution < 16:
+        raise ConfigError(f"shapes resolution must be an integer >= 16 (got {resolution!r}).")
+    return int(resolution)
+
+
+def example(index: int, split: str = "train", resolution: int = 32, seed: int = 0) -> dict:
+    """{"image": uint8 [R, R, 3], "caption": str, and the labels of `labels()`}."""
+    resolution = check_resolution(resolution)
+    placed = scene(index, split, seed)
+    objects = [p.object for p in placed]
+    # The rendering noise has its own stream (keyed by resolution too), so the scene above does
+    # not depend on the resolution.
+    noise_rng = np.random.default_rng([seed, _split_id(split), index, resolution])
+    return {"image": render(placed, resolution, noise_rng), "caption": caption(objects), **labels(objects)}

@@ -1,0 +1,325 @@
+"""The data package: the shapes generator and its held-out split, the tfds builder read without
+TensorFlow, the image-folder reader and its errors, and the grain loader's order, resume and shards."""
+
+import io
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jdiff.data import ImageFolder, load_shapes, make_loader, shapes, steps_per_epoch
+from jdiff.errors import ConfigError
+
+CLAUSE = re.compile(r"a (small|large) (\w+) (\w+) at the ([a-z ]+)")
+
+
+def parse(caption: str) -> list[shapes.Object]:
+    """The caption back into label ids; fails the test on any text outside the grammar."""
+    objects = []
+    for clause in caption.split(" and "):
+        match = CLAUSE.fullmatch(clause)
+        assert match, f"caption clause {clause!r} is not 'a <size> <colour> <shape> at the <position>'"
+        size, colour, shape, position = match.groups()
+        objects.append(shapes.Object(shapes.SHAPES.index(shape), shapes.COLOURS.index(colour),
+                                     shapes.SIZES.index(size), shapes.POSITIONS.index(position)))
+    return objects
+
+
+# --- shapes ---------------------------------------------------------------------------------------
+
+def test_caption_wording():
+    O = shapes.Object  # noqa: N806
+    assert shapes.caption([O(0, 0, 0, 0)]) == "a small red circle at the top left"
+    assert (shapes.caption([O(1, 2, 1, 7), O(2, 3, 0, 2)])
+            == "a large blue square at the bottom and a small yellow triangle at the top right")
+    with pytest.raises(ConfigError, match="at least one object"):
+        shapes.caption([])
+
+
+def test_example_is_a_pure_function_of_index_split_resolution_seed():
+    a, b = shapes.example(7), shapes.example(7)
+    assert a["caption"] == b["caption"] and np.array_equal(a["image"], b["image"])
+    assert a["image"].shape == (32, 32, 3) and a["image"].dtype == np.uint8
+    assert not np.array_equal(a["image"], shapes.example(8)["image"])
+    assert not np.array_equal(a["image"], shapes.example(7, seed=1)["image"])
+    assert not np.array_equal(a["image"], shapes.example(7, "test")["image"])
+    # The scene does not depend on the resolution, only its rendering does.
+    big = shapes.example(7, resolution=64)
+    assert big["image"].shape == (64, 64, 3)
+    assert big["caption"] == a["caption"] and np.array_equal(big["objects"], a["objects"])
+
+
+def test_labels_agree_with_captions_and_pictures():
+    counts = {1: 0, 2: 0}
+    for index in range(200):
+        split = "test" if index % 4 == 0 else "train"
+        ex = shapes.example(index, split, resolution=64)
+        objects = parse(ex["caption"])
+        counts[len(objects)] += 1
+        assert ex["num_objects"] == len(objects)
+        assert (ex["shape"], ex["colour"], ex["size"], ex["position"]) == tuple(objects[0])
+        assert ex["objects"][:len(objects)].tolist() == [list(o) for o in objects]
+        assert (ex["objects"][len(objects):] == -1).all()
+        assert len({o.position for o in objects}) == len(objects), "two objects share a grid cell"
+        # The pixel at each object's centre has its colour; the picture agrees with the caption.
+        for placed in shapes.scene(index, split):
+            y, x = int(placed.y * 64), int(placed.x * 64)
+            row, column = divmod(placed.object.position, 3)
+            assert (row, column) == (y * 3 // 64, x * 3 // 64)
+            want = np.array(shapes.COLOUR_RGB[shapes.COLOURS[placed.object.colour]])
+            assert np.abs(ex["image"][y, x].astype(int) - want).max() < 40
+    assert counts[1] > 50 and counts[2] > 50
+
+
+def test_held_out_combinations_are_never_trained_on():
+    held = set(shapes.HELD_OUT)
+    total = len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.POSITIONS)
+    assert 0.10 <= len(held) / total <= 0.15
+    train = set(shapes.TRAIN_COMBINATIONS)
+    # Every pair of attributes (hence every single one) still occurs in training.
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert {(c[i], c[j]) for c in train} == {(c[i], c[j]) for c in held | train}
+
+    seen_train, train_clauses = set(), set()
+    for index in range(2000):
+        caption = shapes.example(index, "train")["caption"]
+        for o in parse(caption):
+            assert (o.colour, o.shape, o.position) not in held
+            seen_train.add((o.colour, o.shape, o.position))
+        train_clauses.update(re.sub(r"^a (small|large) ", "", c) for c in caption.split(" and "))
+    assert len(seen_train) == len(train)  # the sample covers every training combination
+    for index in range(300):
+        first, *rest = parse(shapes.example(index, "test")["caption"])
+        assert (first.colour, first.shape, first.position) in held
+        assert all((o.colour, o.shape, o.position) not in held for o in rest)
+        clause = re.sub(r"^a (small|large) ", "", shapes.describe(first))
+        assert clause not in train_clauses
+
+
+def test_shapes_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="unknown shapes split 'validation'"):
+        shapes.example(0, "validation")
+    with pytest.raises(ConfigError, match="resolution must be an integer >= 16"):
+        shapes.example(0, resolution=8)
+    with pytest.raises(ConfigError, match="non-negative"):
+        shapes.example(-1)
+
+
+# --- tfds builder ---------------------------------------------------------------------------------
+
+def test_tfds_builds_and_reads_without_tensorflow(tmp_path):
+    train = load_shapes(tmp_path, "train", resolution=32, num_train=48, num_test=12)
+    test = load_shapes(tmp_path, "test", resolution=32, num_train=48, num_test=12)
+    assert (len(train), len(test)) == (48, 12)
+    for source, split, index in ((train, "train", 0), (train, "train", 47), (test, "test", 5)):
+        got, want = source[index], shapes.example(index, split)
+        assert got["image"].dtype == np.uint8 and got["image"].shape == (32, 32, 3)
+        assert np.array_equal(got["image"], want["image"])  # PNG is lossless: bit-exact
+        assert got["caption"].decode() == want["caption"]
+        keys = ("shape", "colour", "size", "position", "num_objects")
+        assert [int(got[k]) for k in keys] == [want[k] for k in keys]
+        assert np.array_equal(got["objects"], want["objects"])
+    files = sorted(tmp_path.rglob("*.array_record*"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert len(load_shapes(tmp_path, "train", num_train=48, num_test=12)) == 48
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # reused, not rebuilt
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_other_resolution_and_errors(tmp_path):
+    source = load_shapes(tmp_path, "test", resolution=64, num_train=4, num_test=4)
+    assert source[3]["image"].shape == (64, 64, 3)
+    assert np.array_equal(source[3]["image"], shapes.example(3, "test", 64)["image"])
+    with pytest.raises(ConfigError, match="unknown shapes split 'val'"):
+        load_shapes(tmp_path, "val")
+    with pytest.raises(ConfigError, match="num_train must be a positive integer"):
+        load_shapes(tmp_path, "train", num_train=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_shapes(tmp_path / "file", "train")
+    assert "tensorflow" not in sys.modules
+
+
+# --- image folder ---------------------------------------------------------------------------------
+
+def thirds(width: int, height: int) -> Image.Image:
+    """Red | green | blue vertical thirds."""
+    array = np.zeros((height, width, 3), np.uint8)
+    for i in range(3):
+        array[:, i * width // 3:(i + 1) * width // 3, i] = 255
+    return Image.fromarray(array)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    thirds(60, 20).save(root / "wide.png")
+    (root / "wide.txt").write_text("a wide picture\n")
+    Image.new("RGB", (16, 40), (10, 200, 30)).save(root / "sub" / "tall.jpg", quality=95)
+    (root / "sub" / "tall.txt").write_text("a tall green picture")
+    Image.new("RGBA", (12, 12), (0, 0, 0, 0)).save(root / "clear.webp", lossless=True)
+    (root / "clear.txt").write_text("")
+    return root
+
+
+def test_image_folder_with_text_captions(folder):
+    source = ImageFolder(folder, resolution=10)
+    assert len(source) == 3 and source.num_skipped == 0
+    items = {source[i]["caption"]: source[i]["image"] for i in range(len(source))}
+    assert set(items) == {"a wide picture", "a tall green picture", ""}
+    for image in items.values():
+        assert image.shape == (10, 10, 3) and image.dtype == np.uint8
+    # Shorter side to 10 (30x10), then the centre square: the green third.
+    wide = items["a wide picture"].astype(int)
+    assert (wide[:, 2:8, 1] > 200).all() and (wide[:, 2:8, [0, 2]] < 50).all()
+    assert np.abs(items["a tall green picture"].astype(int) - [10, 200, 30]).max() < 12
+    assert (items[""] == 255).all()  # transparency on white
+
+
+def test_image_folder_with_metadata_jsonl(folder):
+    lines = [{"file_name": "sub/tall.jpg", "text": "from metadata"}, {"file_name": "wide.png", "text": "w"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    source = ImageFolder(folder, resolution=8)
+    assert [source[i]["caption"] for i in range(len(source))] == ["from metadata", "w"]
+    assert source[1]["image"].shape == (8, 8, 3)
+
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "gone.png", "text": "x"}))
+    with pytest.raises(ConfigError, match=r"line 1 names 'gone.png'.*does not exist"):
+        ImageFolder(folder, 8)
+    (folder / "metadata.jsonl").write_text('{"file_name": "wide.png", "text": "ok"}\n{oops\n')
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
+        ImageFolder(folder, 8)
+    (folder / "metadata.jsonl").write_text('{"file_name": "wide.png", "caption": "x"}')
+    with pytest.raises(ConfigError, match="needs the keys 'file_name' and 'text'"):
+        ImageFolder(folder, 8)
+    assert ImageFolder(folder, 8, caption_column="caption")[0]["caption"] == "x"
+
+
+def test_image_folder_skips_and_counts_corrupt_images(folder):
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "broken.txt").write_text("x")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="JPEG")
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[:300])  # truncated JPEG
+    (folder / "cut.txt").write_text("y")
+    with pytest.warns(UserWarning) as record:
+        source = ImageFolder(folder, 10)
+    messages = " ".join(str(w.message) for w in record)
+    assert "broken.png" in messages and "cut.jpg" in messages
+    assert source.num_skipped == 2 and len(source) == 3
+    assert {p.name for p, _ in source.skipped} == {"broken.png", "cut.jpg"}
+    unchecked = ImageFolder(folder, 10, verify=False)  # then a corrupt image fails when read, by name
+    assert len(unchecked) == 5 and unchecked.num_skipped == 0
+    with pytest.raises(ConfigError, match="cannot read image '.*broken.png'"):
+        [unchecked[i] for i in range(len(unchecked))]
+
+
+def test_image_folder_errors(tmp_path, folder):
+    with pytest.raises(ConfigError, match="'.*nowhere' does not exist"):
+        ImageFolder(tmp_path / "nowhere", 8)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ConfigError, match="holds no images"):
+        ImageFolder(tmp_path / "empty", 8)
+    (folder / "wide.txt").unlink()
+    with pytest.raises(ConfigError, match=r"image '.*wide.png' has no caption file 'wide.txt'"):
+        ImageFolder(folder, 8)
+    source = ImageFolder(folder, 8, allow_missing_captions=True)
+    assert "" in [source[i]["caption"] for i in range(len(source))]
+
+
+# --- grain loader ---------------------------------------------------------------------------------
+
+def toy_source(n: int) -> list[dict]:
+    """Examples whose image encodes their index, so batches show which examples they hold."""
+    return [{"image": np.full((2, 2, 3), i % 256, np.uint8), "caption": f"example {i}".encode(), "index": i}
+            for i in range(n)]
+
+
+def indices(batches) -> list[int]:
+    return [int(i) for b in batches for i in b["index"]]
+
+
+def take(iterator, count: int) -> list[dict]:
+    return [next(iterator) for _ in range(count)]
+
+
+def test_loader_batches_shapes_ranges_and_captions():
+    loader = make_loader(toy_source(50), batch_size=16, seed=0, num_epochs=1, shard_index=0, shard_count=1,
+                         tokenize=lambda captions: np.array([[len(c)] for c in captions]))
+    batches = list(loader)
+    assert len(batches) == steps_per_epoch(50, 16) == 3  # the last 2 examples are dropped
+    batch = batches[0]
+    assert batch["image"].dtype == np.float32 and batch["image"].shape == (16, 2, 2, 3)
+    for b in batches:
+        index = b["index"][:, None, None, None] % 256
+        np.testing.assert_allclose(b["image"], np.broadcast_to(index / 127.5 - 1, b["image"].shape), atol=1e-6)
+    assert batch["caption"].tolist() == [f"example {i}" for i in batch["index"]]
+    assert batch["ids"].tolist() == [[len(f"example {i}")] for i in batch["index"]]
+    assert len(set(indices(batches))) == 48
+
+
+def test_loader_order_depends_only_on_seed():
+    source = toy_source(40)
+    run = lambda **kw: indices(make_loader(source, batch_size=8, num_epochs=2, shard_index=0,  # noqa: E731
+                                           shard_count=1, **kw))
+    assert run(seed=3) == run(seed=3)
+    assert run(seed=3) != run(seed=4)
+    order = run(seed=3)
+    assert sorted(order[:40]) == sorted(order[40:]) == list(range(40))  # each epoch is a permutation
+    assert order[:40] != order[40:]  # ... and a different one
+    assert run(seed=3, shuffle=False) == list(range(40)) * 2
+
+
+def test_loader_resumes_from_a_saved_state():
+    loader = make_loader(toy_source(100), batch_size=8, seed=1, shard_index=0, shard_count=1)
+    iterator = iter(loader)
+    take(iterator, 5)
+    state = json.loads(json.dumps(iterator.get_state()))  # survives a round trip through a checkpoint
+    expected = take(iterator, 3)
+    resumed = iter(loader)
+    resumed.set_state(state)
+    for want, got in zip(expected, take(resumed, 3)):
+        assert got["index"].tolist() == want["index"].tolist()
+        np.testing.assert_array_equal(got["image"], want["image"])
+        assert got["caption"].tolist() == want["caption"].tolist()
+
+
+def test_loader_shards_are_disjoint_and_cover_the_data():
+    source = toy_source(64)
+    shards = [set(indices(make_loader(source, batch_size=4, seed=0, num_epochs=1, shard_index=i, shard_count=2)))
+              for i in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 32
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(64))
+    # An uneven source gives every shard the same number of examples (and steps).
+    uneven = [indices(make_loader(toy_source(67), batch_size=1, seed=0, num_epochs=1, shard_index=i,
+                                  shard_count=3)) for i in range(3)]
+    assert [len(u) for u in uneven] == [22, 22, 22]
+
+
+def test_loader_reads_shapes_and_folders(tmp_path, folder):
+    batch = next(iter(make_loader(load_shapes(tmp_path, "train", num_train=16, num_test=4), batch_size=4,
+                                  seed=0, shard_index=0, shard_count=1)))
+    assert batch["image"].shape == (4, 32, 32, 3) and -1 <= batch["image"].min() < batch["image"].max() <= 1
+    assert all(parse(str(c)) for c in batch["caption"])
+    batch = next(iter(make_loader(ImageFolder(folder, 8), batch_size=2, seed=0)))  # jax's process shard
+    assert batch["image"].shape == (2, 8, 8, 3) and batch["caption"].dtype.kind == "U"
+
+
+def test_loader_errors():
+    source = toy_source(10)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        make_loader(source, batch_size=0, seed=0)
+    with pytest.raises(ConfigError, match=r"shard_index must be in \[0, shard_count=2\)"):
+        make_loader(source, batch_size=2, seed=0, shard_index=2, shard_count=2)
+    with pytest.raises(ConfigError, match="too few for 16 shards"):
+        make_loader(source, batch_size=2, seed=0, shard_index=0, shard_count=16)
+    with pytest.raises(ConfigError, match="cannot fill one batch of 32"):
+        make_loader(source, batch_size=32, seed=0, num_epochs=1, shard_index=0, shard_count=1)
+    with pytest.raises(ConfigError, match="data seed"):
+        make_loader(source, batch_size=2, seed=-1)
