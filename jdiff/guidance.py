@@ -5,6 +5,7 @@ The conditional and unconditional predictions come from one U-Net call on a doub
 changing them never recompiles.
 """
 
+import jax
 import jax.numpy as jnp
 
 
@@ -12,11 +13,14 @@ def rescale_guidance(guided, conditional, rescale):
     """Guidance rescale (Lin et al. 2023, sec. 3.4): pull the guided prediction's per-sample standard
     deviation back towards the conditional one's, which over-exposed images of zero-terminal-SNR
     models need. rescale = 0 leaves `guided` unchanged."""
-    axes = tuple(range(1, guided.ndim))
-    std_conditional = jnp.std(conditional, axis=axes, keepdims=True, ddof=1)
-    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
-    rescaled = guided * (std_conditional / std_guided)
-    return jnp.where(rescale > 0, rescale * rescaled + (1 - rescale) * guided, guided)
+    def apply(guided):
+        axes = tuple(range(1, guided.ndim))
+        std_conditional = jnp.std(conditional, axis=axes, keepdims=True, ddof=1)
+        std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+        rescaled = guided * (std_conditional / std_guided)
+        return rescale * rescaled + (1 - rescale) * guided
+
+    return jax.lax.cond(jnp.asarray(rescale) > 0, apply, lambda guided: guided, guided)
 
 
 def classifier_free_guidance(model_fn, context, negative_context, scale, rescale=0.0, extra_inputs=None):

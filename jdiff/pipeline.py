@@ -103,6 +103,8 @@ def _images(value, name: str, batch: int, channels: int) -> np.ndarray:
     if hasattr(value, "convert"):  # a PIL image
         value = np.asarray(value.convert("RGB" if channels == 3 else "L"), np.float32) / 255.0
     array = np.asarray(value, np.float32)
+    if channels == 1 and array.ndim >= 3 and array.shape[-1] in (3, 4):  # an RGB(A) mask: its grey level
+        array = array[..., :3].mean(axis=-1)
     if array.ndim == 2 and channels == 1:
         array = array[..., None]
     if array.ndim == 3 and array.shape[-1] != channels and channels == 1:
@@ -214,12 +216,28 @@ def default_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
 
 
+def _put(value, sharding: NamedSharding):
+    """A global array from a host value that every process holds whole: each process fills only
+    the shards on its own devices (works on one host and across hosts alike)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def _placed_params(pipe: Pipeline, mesh: Mesh):
     key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
     if key not in pipe._placed:
         pipe._placed.clear()
-        pipe._placed[key] = jax.device_put(pipe.params, NamedSharding(mesh, P()))
+        replicated = NamedSharding(mesh, P())
+        pipe._placed[key] = jax.tree.map(lambda a: _put(a, replicated), pipe.params)
     return pipe._placed[key]
+
+
+def _to_host(images) -> np.ndarray:
+    if jax.process_count() > 1:  # every process gets every image
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    return np.asarray(images)
 
 
 def generate(
@@ -303,11 +321,11 @@ def generate(
     batch_inputs = [tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer, negatives), _seeds(seed, batch),
                     latents, image, mask_array]
     sharded = NamedSharding(mesh, P("data"))
-    batch_inputs = [None if a is None else jax.device_put(pad(a), sharded) for a in batch_inputs]
+    batch_inputs = [None if a is None else _put(pad(a), sharded) for a in batch_inputs]
     replicated = NamedSharding(mesh, P())
-    scalars = jax.device_put((plan, np.float32(guidance), np.float32(guidance_rescale)), replicated)
+    scalars = jax.tree.map(lambda a: _put(a, replicated), (plan, np.float32(guidance), np.float32(guidance_rescale)))
     static = dataclasses.replace(static, latent_shape=(padded,) + latent_shape[1:])
     ids, negative_ids, seeds, noise, image, mask_array = batch_inputs
     images = _generate(_placed_params(pipe, mesh), ids, negative_ids, seeds, noise, scalars[0], scalars[1],
                        scalars[2], image, mask_array, static=static)
-    return np.asarray(images)[:batch]
+    return _to_host(images)[:batch]

@@ -216,7 +216,9 @@ def _ddim_step(model_fn, x, i, plan, state, keys, config):
     x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
     if keys is None:  # deterministic use without keys (eta must then be 0)
         return x, state
-    return x + std * step_noise(keys, i, x), state
+    # drawing noise costs a little every step: skip it when eta = 0 (the usual, deterministic case)
+    x = jax.lax.cond(plan.eta > 0, lambda x: x + std * step_noise(keys, i, x), lambda x: x, x)
+    return x, state
 
 
 def _ddpm_step(model_fn, x, i, plan, state, keys, config):

@@ -127,6 +127,33 @@ def test_inpainting_unet_with_nine_channels_matches_diffusers(tmp_path, monkeypa
     np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
 
 
+def test_lcm_with_guidance_embedding_matches_diffusers(tmp_path, monkeypatch, one_device):
+    """An LCM-distilled U-Net (time_cond_proj_dim) gets the guidance scale as an input and no
+    unconditional pass; LCM's per-step noise is injected into the reference."""
+    from diffusers import LCMScheduler
+
+    from jdiff import samplers
+
+    folder = tmp_path / "lcm"
+    reference = make_tiny_sd_pipeline(folder, time_cond_proj_dim=32, seed=7)
+    reference.scheduler = LCMScheduler.from_config(reference.scheduler.config)
+    pipe = jdiff.load_pipeline(folder)
+    keys = jax.vmap(jax.random.key)(np.array([0, 1], np.uint32))
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+    calls = iter(range(100))
+    noise = lambda *a, **k: torch.from_numpy(
+        np.array(samplers.step_noise(step_keys, next(calls), np.zeros((2, 4, 4, 4), np.float32))).transpose(0, 3, 1, 2))
+    monkeypatch.setattr(importlib.import_module("diffusers.schedulers.scheduling_lcm"), "randn_tensor", noise)
+    latents = reference_latents(seed=5)
+    expected = reference(PROMPTS, latents=latents, num_inference_steps=4, guidance_scale=8.0, output_type="np").images
+    ours = jdiff.generate(pipe, PROMPTS, sampler="lcm", steps=4, guidance=8.0, seed=0, latents=nchw_to_nhwc(latents),
+                          mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    weaker = jdiff.generate(pipe, PROMPTS, sampler="lcm", steps=4, guidance=2.0, seed=0,
+                            latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert np.abs(weaker - ours).max() > 2 * TOL  # the guidance embedding is used
+
+
 def test_changing_prompts_seed_guidance_strength_steps_and_image_compiles_once(tiny, one_device):
     folder, reference, pipe = tiny
     compiles = []
@@ -153,6 +180,12 @@ def test_changing_prompts_seed_guidance_strength_steps_and_image_compiles_once(t
         results.append(jdiff.generate(pipe, kw.pop("prompts"), **kw))
     assert len(compiles) == first, "a traced setting caused a recompilation"
     assert all(np.abs(r - results[0]).max() > 0 for r in results[1:])
+    # A new image size is a new program: it compiles once, then is reused.
+    jdiff.generate(pipe, PROMPTS, height=48, width=32, steps=2, mesh=one_device)
+    after_resize = len(compiles)
+    assert after_resize > first
+    jdiff.generate(pipe, PROMPTS, height=48, width=32, steps=5, seed=3, guidance=2.0, mesh=one_device)
+    assert len(compiles) == after_resize
 
 
 def test_batch_sharded_over_eight_devices_equals_one_device(tiny, one_device):
