@@ -9,7 +9,7 @@ from jdiff.convert import (
     save_unet,
     save_vae,
 )
-from jdiff.errors import CheckpointError, ConfigError
+from jdiff.errors import CheckpointError, ConfigError, TrainingError
 from jdiff.pipeline import Pipeline, generate, load_pipeline
 from jdiff.samplers import SAMPLERS
 

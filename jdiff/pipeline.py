@@ -10,6 +10,8 @@ default); each image's noise comes from its own seed, so results do not depend o
 
 import dataclasses
 import functools
+import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -70,6 +72,33 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipe
     scheduler, fields = read_scheduler_config(folder / "scheduler")
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
     return Pipeline(unet, vae, text_encoder, tokenizer, scheduler, fields, params, str(folder))
+
+
+def save_pipeline(pipe: Pipeline, folder) -> None:
+    """Writes `pipe` as a diffusers StableDiffusionPipeline folder (which `load_pipeline`, sample.py
+    and diffusers' `from_pretrained` read). Written beside the target and swapped in when complete,
+    so an interruption never leaves a half-written model under the final name."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    convert.save_unet(pipe.unet, pipe.params["unet"], partial / "unet")
+    convert.save_vae(pipe.vae, pipe.params["vae"], partial / "vae")
+    convert.save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], partial / "text_encoder")
+    pipe.tokenizer.save_pretrained(str(partial / "tokenizer"))
+    (partial / "scheduler").mkdir()
+    scheduler = {"_class_name": "DDIMScheduler", **dataclasses.asdict(pipe.scheduler)}
+    (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
+    previous = folder.with_name(folder.name + ".previous")
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 # --- host-side input preparation ----------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The default run: both stages on the embedded captioned-shapes set, sized for a 2-core CPU.
+
+    python train.py                                   # this config, workdir ./workdir/shapes
+    python train.py --config.diffusion_train.steps=500 --config.data.resolution=64
+"""
+
+import ml_collections
+
+
+def train_section(**overrides) -> ml_collections.ConfigDict:
+    """Optimiser, schedule, checkpoint and logging settings of one stage."""
+    section = ml_collections.ConfigDict(dict(
+        steps=2000,
+        run_steps=0,  # stop this invocation after this many steps (0 = run to `steps`); a rerun resumes
+        batch_size=32,  # global, over all devices and hosts
+        learning_rate=2e-4,
+        warmup_steps=100,
+        final_lr_fraction=0.1,  # cosine decay ends at this fraction of the peak
+        weight_decay=0.0,
+        adam_b1=0.9,
+        adam_b2=0.999,
+        adam_eps=1e-8,
+        grad_clip=1.0,
+        grad_accum_steps=1,
+        ema_decay=0.999,
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        eval_every=1000,
+        seed=0,
+        num_devices=0,  # 0 = every visible device
+    ))
+    section.update(overrides)
+    return section
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.stages = "vae,diffusion"  # run in this order; a finished stage is skipped on a rerun
+    config.dtype = "float32"  # compute dtype: bfloat16 on accelerators
+    config.remat = False  # recompute activations in the backward pass (less memory, more time)
+
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="shapes",  # "shapes" (embedded, generated) or "folder" (images + captions)
+        folder="",  # for dataset="folder"
+        data_dir="",  # where the shapes set is built; default <workdir>/data
+        resolution=32,
+        num_train=10_000,
+        num_test=1_000,
+        caption_dropout=0.1,  # drop captions this often, so the model learns classifier-free guidance
+    ))
+
+    # Stage 1: the autoencoder (factor 4: 32x32x3 images <-> 8x8x4 latents).
+    config.vae = ml_collections.ConfigDict(dict(
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        mid_block_add_attention=False))
+    config.vae_train = train_section(steps=1500, batch_size=32, learning_rate=1e-3, eval_every=500)
+    config.vae_loss = ml_collections.ConfigDict(dict(reconstruction="l1", kl_weight=1e-6))
+
+    # Stage 2: text encoder (from scratch, on a tokenizer of the captions' words) and U-Net.
+    config.text = ml_collections.ConfigDict(dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_length=32))
+    config.unet = ml_collections.ConfigDict(dict(
+        block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
+    config.diffusion_train = train_section(steps=3000, batch_size=32, learning_rate=3e-4, eval_every=1000)
+    config.diffusion = ml_collections.ConfigDict(dict(
+        prediction_type="epsilon",  # or "v_prediction"
+        min_snr_gamma=5.0,  # 0 = plain MSE
+        noise_offset=0.0,
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        train_text_encoder=True,  # False: keep a pretrained text encoder frozen
+    ))
+    config.pretrained = ""  # a diffusers folder to fine-tune (its VAE, tokenizer, text encoder, U-Net)
+
+    # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
+    config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))
+    config.evaluate = ml_collections.ConfigDict(dict(num_prompts=200, batch_size=50, guidances=(1.0, 4.0)))
+    return config

@@ -1,0 +1,183 @@
+"""The whole training recipe that train.py runs: data, the VAE stage, the diffusion stage, export
+to a diffusers-format folder, a sample grid and the prompt-adherence evaluation.
+
+Workdir layout (every stage resumes from its own checkpoints; a finished stage is skipped):
+
+    <workdir>/data/                 the built shapes set (default data_dir)
+    <workdir>/vae/checkpoints/      VAE train states          <workdir>/vae/export/  its diffusers folder
+    <workdir>/diffusion/checkpoints/ U-Net (+ text) states    <workdir>/tokenizer/   caption tokenizer
+    <workdir>/pipeline/             the trained model as a diffusers pipeline folder (sample.py --model)
+    <workdir>/samples/grid.png, <workdir>/evaluation.json
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jdiff import convert, stages, train_lib
+from jdiff.data import load_shapes, make_loader, to_model_range
+from jdiff.data.image_folder import ImageFolder
+from jdiff.data.tokenizer import write_caption_tokenizer
+from jdiff.errors import ConfigError
+from jdiff.models.text import CLIPTextModel
+from jdiff.models.unet import UNet2DConditionModel
+from jdiff.models.vae import AutoencoderKL
+from jdiff.pipeline import Pipeline, load_pipeline, save_pipeline
+
+STAGES = ("vae", "diffusion")
+
+
+def data_sources(config, workdir: Path):
+    """(train source, test source or None) of the configured dataset."""
+    data = config.data
+    if data.dataset == "shapes":
+        data_dir = Path(data.data_dir or workdir / "data")
+        kw = dict(resolution=data.resolution, num_train=data.num_train, num_test=data.num_test, seed=config.seed)
+        return load_shapes(data_dir, "train", **kw), load_shapes(data_dir, "test", **kw)
+    if data.dataset == "folder":
+        if not data.folder:
+            raise ConfigError("data.dataset is 'folder' but data.folder is empty: set --config.data.folder=DIR.")
+        return ImageFolder(data.folder, data.resolution), None
+    raise ConfigError(f"unknown data.dataset {data.dataset!r}; use 'shapes' or 'folder'.")
+
+
+def _examples(source, count: int) -> tuple[np.ndarray, list[str]]:
+    items = [source[i] for i in range(min(count, len(source)))]
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in (it.get("caption", "") for it in items)]
+    return to_model_range(np.stack([it["image"] for it in items])), captions
+
+
+def _loader(source, section, seed):
+    per_process = section.batch_size // jax.process_count()
+    if per_process * jax.process_count() != section.batch_size:
+        raise ConfigError(f"batch_size {section.batch_size} does not split over {jax.process_count()} processes.")
+    return make_loader(source, batch_size=per_process, seed=seed)
+
+
+def train_vae(config, workdir: Path, train_source, test_source):
+    """Stage 1; returns (module with its latent scaling factor, EMA params) and exports vae/export."""
+    test_images, _ = _examples(test_source or train_source, 200)
+    stage = stages.vae_stage(config, test_images)
+    state, _ = train_lib.train(stage, config.vae_train, workdir / "vae", _loader(train_source, config.vae_train, config.seed),
+                            total_batch=config.vae_train.batch_size)
+    if int(state.step) < config.vae_train.steps:
+        return None, None  # stopped early (run_steps): the next invocation resumes
+    module = AutoencoderKL(stages.vae_config(config), dtype=stages.compute_dtype(config))
+    params = jax.device_get(state.ema_params)
+    sample_images, _ = _examples(train_source, 1000)
+    scaling = stages.latent_scaling_factor(module, params, sample_images)
+    module = module.clone(config=dataclasses.replace(module.config, scaling_factor=scaling))
+    if jax.process_index() == 0:
+        convert.save_vae(module, params, workdir / "vae" / "export")
+    return module, params
+
+
+def _pretrained_or_exported_vae(config, workdir: Path):
+    folder = Path(config.pretrained) / "vae" if config.pretrained else workdir / "vae" / "export"
+    if not folder.is_dir():
+        raise ConfigError(f"the diffusion stage needs a trained VAE: {folder} does not exist. Run the 'vae' "
+                          f"stage first (config.stages) or set config.pretrained.")
+    return convert.load_vae(folder, dtype=stages.compute_dtype(config))
+
+
+def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_captions) -> Pipeline:
+    """Stage 2; returns the trained pipeline (EMA weights) and exports it to <workdir>/pipeline."""
+    dtype = stages.compute_dtype(config)
+    text_params = unet_params = None
+    if config.pretrained:
+        base = load_pipeline(config.pretrained, dtype=dtype)
+        tokenizer, text, unet = base.tokenizer, base.text_encoder, base.unet
+        text_params, unet_params = base.params["text_encoder"], base.params["unet"]
+        scheduler = base.scheduler
+    else:
+        captions = _examples(train_source, len(train_source))[1] if config.data.dataset == "folder" else \
+            [train_source[i]["caption"].decode() for i in range(len(train_source))]
+        tokenizer = write_caption_tokenizer(workdir / "tokenizer", captions, config.text.max_length)
+        text = CLIPTextModel(stages.text_config(config, tokenizer), dtype=dtype)
+        unet = UNet2DConditionModel(stages.unet_config(config, vae.config, config.text.hidden_size), dtype=dtype,
+                                    gradient_checkpointing=config.remat)
+        scheduler = stages.scheduler_config(config)
+    if not config.diffusion.train_text_encoder and text_params is None:
+        raise ConfigError("diffusion.train_text_encoder=False needs a pretrained text encoder (config.pretrained).")
+    fields = frozenset(dataclasses.asdict(scheduler))
+
+    def pipeline_from(params) -> Pipeline:
+        text_p = params.get("text_encoder", text_params)
+        return Pipeline(unet, vae, text, tokenizer, scheduler, fields,
+                        {"unet": params["unet"], "vae": vae_params, "text_encoder": text_p}, str(workdir / "pipeline"))
+
+    def evaluate(params, step):
+        from jdiff.pipeline import generate
+        from jdiff import image_io
+
+        s = config.sample
+        images = generate(pipeline_from(params), test_captions[:s.num_prompts], sampler=s.sampler, steps=s.steps,
+                          guidance=s.guidance, seed=0)
+        return {"samples": image_io.image_grid(images, columns=4)}
+
+    stage = stages.diffusion_stage(config, unet=unet, text=text, vae=vae, vae_params=vae_params, tokenizer=tokenizer,
+                                   text_params=text_params, unet_params=unet_params, evaluate=evaluate)
+    loader = _loader(train_source, config.diffusion_train, config.seed)
+    state, _ = train_lib.train(stage, config.diffusion_train, workdir / "diffusion", loader,
+                            total_batch=config.diffusion_train.batch_size)
+    if int(state.step) < config.diffusion_train.steps:
+        return None  # stopped early (run_steps): the next invocation resumes
+    pipe = pipeline_from(jax.device_get(state.ema_params))
+    if jax.process_index() == 0:
+        save_pipeline(pipe, workdir / "pipeline")
+    return pipe
+
+
+def run(config, workdir) -> dict:
+    """Runs config.stages, then samples held-out prompts and evaluates them (shapes data)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    requested = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = [s for s in requested if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown} in config.stages; use a comma-separated subset of {STAGES}.")
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    train_source, test_source = data_sources(config, workdir)
+    test_captions = _examples(test_source, 1000)[1] if test_source is not None else _examples(train_source, 64)[1]
+    stopped = {"stopped_early": "run_steps reached; run the same command again to continue"}
+    if "vae" in requested:
+        vae, vae_params = train_vae(config, workdir, train_source, test_source)
+        if vae is None:
+            return stopped
+    else:
+        vae, vae_params = _pretrained_or_exported_vae(config, workdir)
+    results = {}
+    if "diffusion" in requested:
+        pipe = train_diffusion(config, workdir, train_source, vae, vae_params, test_captions)
+        if pipe is None:
+            return stopped
+        results = sample_and_evaluate(config, pipe, workdir, test_source)
+    return results
+
+
+def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> dict:
+    """Writes <workdir>/samples/ (a grid of held-out prompts) and, for the shapes set,
+    <workdir>/evaluation.json with colour/shape/position accuracy with and without guidance."""
+    from jdiff import image_io
+    from jdiff.pipeline import generate
+
+    s = config.sample
+    captions = _examples(test_source, s.num_prompts)[1] if test_source is not None else ["a picture"] * s.num_prompts
+    images = generate(pipe, captions, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
+    if jax.process_index() == 0:
+        (workdir / "samples").mkdir(exist_ok=True)
+        image_io.save_png(workdir / "samples" / "grid.png", image_io.image_grid(images, columns=4),
+                          {"prompts": captions, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance})
+    if config.data.dataset != "shapes":
+        return {}
+    from jdiff import evaluate
+
+    results = evaluate.evaluate_pipeline(pipe, test_source, num_prompts=config.evaluate.num_prompts,
+                                         guidances=tuple(config.evaluate.guidances), sampler=s.sampler,
+                                         steps=s.steps, batch_size=config.evaluate.batch_size)
+    if jax.process_index() == 0:
+        (workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
