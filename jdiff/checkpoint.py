@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from jdiff.errors import CheckpointError
+
 
 class Checkpoints:
     """The checkpoints of one training stage, in `directory/<step>/`."""
@@ -45,6 +47,9 @@ class Checkpoints:
                 restored = self.manager.restore(step, args=args)
                 return restored["state"], dict(restored["meta"]), step
             except Exception as error:  # orbax/tensorstore raise many types for damaged files
+                if "tree structures do not match" in str(error):  # a different model, not damage
+                    raise CheckpointError(f"checkpoint step {step} in {self.directory} holds a differently "
+                                          f"shaped train state: {str(error)[:300]}") from None
                 aside = self.directory / f"{step}.unreadable"
                 warnings.warn(f"checkpoint step {step} in {self.directory} cannot be read "
                               f"({type(error).__name__}: {str(error)[:200]}); it was moved to {aside.name} and the "

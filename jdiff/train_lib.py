@@ -138,12 +138,19 @@ class _Logger:
             self.writer.close()
 
 
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def _check_compatible(saved: dict, current: dict, directory: Path) -> None:
-    current = json.loads(json.dumps(current))  # as it would read back: tuples become lists
+    """Refuses to resume a checkpoint of a different model, naming every differing field."""
+    saved, current = _flatten(saved), _flatten(json.loads(json.dumps(current)))  # tuples read back as lists
     differences = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differences:
-        details = "; ".join(f"{k}: checkpoint {json.dumps(saved.get(k))[:120]} vs config "
-                            f"{json.dumps(current.get(k))[:120]}" for k in differences)
+        details = "; ".join(f"{k}: checkpoint {json.dumps(saved.get(k))} vs config {json.dumps(current.get(k))}"
+                            for k in differences[:8])
         raise TrainingError(f"cannot resume from {directory}: the model config differs from the checkpoint's "
                             f"({details}). Use a new --workdir, or the checkpoint's settings.")
 
@@ -168,11 +175,17 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     data = iter(loader)
+    for step in reversed(checkpoints.steps()):  # refuse a different model before touching any array
+        try:
+            saved_meta = checkpoints.read_meta(step)
+        except Exception:  # unreadable: `restore` below sets it aside and falls back
+            continue
+        _check_compatible(saved_meta.get("model", {}), stage.model_meta, checkpoints.directory)
+        break
     restored = checkpoints.restore(abstract)
     logger = _Logger(workdir, stage.name)
     if restored:
         state, meta, saved_step = restored
-        _check_compatible(meta.get("model", {}), stage.model_meta, checkpoints.directory)
         data.set_state(meta["data"])
         logger.line(f"resumed from step {saved_step} in {checkpoints.directory}")
     else:

@@ -1,0 +1,236 @@
+"""Training: the whole recipe on tiny models, exact resume, faults (NaN, corrupt checkpoint,
+SIGKILL mid-save), one vs eight devices, fine-tuning a diffusers checkpoint, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import jdiff
+from configs import tiny
+from jdiff import evaluate, recipe, stages, train_lib
+from jdiff.data import load_shapes, make_loader, to_model_range
+from jdiff.errors import ConfigError, TrainingError
+from jdiff.image_io import read_png_parameters
+from tiny_models import make_tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_whole_recipe_exports_a_pipeline_that_jdiff_and_diffusers_load(tmp_path):
+    config = tiny.get_config()
+    results = recipe.run(config, tmp_path)
+    for key in ("guidance_1", "guidance_4", "detector_on_real_images"):
+        assert set(results[key]) >= {"colour_accuracy", "shape_accuracy", "position_accuracy"}
+    assert (tmp_path / "evaluation.json").is_file()
+    assert read_png_parameters(tmp_path / "samples" / "grid.png")["steps"] == config.sample.steps
+    assert list((tmp_path / "vae" / "tensorboard").glob("events.*"))
+    assert list((tmp_path / "diffusion" / "tensorboard").glob("events.*"))
+    assert sorted(int(p.name) for p in (tmp_path / "diffusion" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    pipe = jdiff.load_pipeline(tmp_path / "pipeline")
+    images = jdiff.generate(pipe, "a small red circle at the top left", steps=2, guidance=3.0)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+    from diffusers import StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert reference.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
+    # A rerun finds every stage finished and only samples and evaluates again.
+    again = recipe.run(config, tmp_path)
+    assert again["num_prompts"] == results["num_prompts"]
+
+
+def vae_run(tmp_path, name, **section):
+    """A tiny VAE stage on the shapes set; returns (train result, config)."""
+    config = tiny.get_config()
+    config.vae_train.update(log_every=1, **section)
+    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    test_images = to_model_range(np.stack([source[i]["image"] for i in range(4)]))
+    stage = stages.vae_stage(config, test_images)
+    per_process = config.vae_train.batch_size
+    loader = make_loader(source, batch_size=per_process, seed=0)
+    return train_lib.train(stage, config.vae_train, tmp_path / name, loader, total_batch=per_process), config
+
+
+def losses(result):
+    return [h["loss"] for h in result.history]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, _ = vae_run(tmp_path, "straight", steps=6)
+    first, _ = vae_run(tmp_path, "resumed", steps=6, run_steps=3)
+    assert int(first.state.step) == 3
+    second, _ = vae_run(tmp_path, "resumed", steps=6)
+    assert [h["step"] for h in second.history] == [4, 5, 6]
+    np.testing.assert_allclose(losses(first) + losses(second), losses(straight), rtol=1e-6)
+
+
+def test_same_losses_on_one_and_eight_devices(tmp_path):
+    assert len(jax.devices()) == 8
+    one, _ = vae_run(tmp_path, "one", steps=4, num_devices=1)
+    eight, _ = vae_run(tmp_path, "eight", steps=4, num_devices=8)
+    np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-4)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    vae_run(tmp_path, "run", steps=6)
+    newest = tmp_path / "run" / "checkpoints" / "6"
+    damaged = 0
+    for path in newest.rglob("*"):
+        if path.is_file() and "state" in path.parts and path.stat().st_size > 0:
+            path.write_bytes(b"\0garbage" * 10)
+            damaged += 1
+    assert damaged
+    with pytest.warns(UserWarning, match="step 6 .* cannot be read"):
+        resumed, _ = vae_run(tmp_path, "run", steps=8)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6, 7, 8]
+    assert (tmp_path / "run" / "checkpoints" / "6.unreadable").is_dir()  # kept aside, not deleted
+
+
+class PoisonedLoader:
+    """A loader whose batch number `at` holds a NaN pixel (bad data)."""
+
+    def __init__(self, loader, at):
+        self.loader, self.at = loader, at
+
+    def __iter__(self):
+        inner = iter(self.loader)
+        outer = self
+
+        class It:
+            count = 0
+
+            def __next__(self):
+                batch = dict(next(inner))
+                It.count += 1
+                if It.count == outer.at:
+                    batch["image"] = batch["image"].copy()
+                    batch["image"][0, 0, 0, 0] = np.nan
+                return batch
+
+            def get_state(self):
+                return inner.get_state()
+
+            def set_state(self, state):
+                inner.set_state(state)
+
+        return It()
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny.get_config()
+    config.vae_train.update(steps=8, log_every=4, checkpoint_every=3)
+    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    loader = PoisonedLoader(make_loader(source, batch_size=8, seed=0), at=5)
+    with pytest.raises(TrainingError, match=r"non-finite value at step 5 .* last good checkpoint is step 3"):
+        train_lib.train(stage, config.vae_train, tmp_path / "run", loader, total_batch=8)
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3]
+    resumed = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    result = train_lib.train(resumed, config.vae_train, tmp_path / "run", make_loader(source, batch_size=8, seed=0),
+                             total_batch=8)
+    assert int(result.state.step) == 8 and np.isfinite(losses(result)).all()
+
+
+def test_killed_during_an_asynchronous_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+               "--workdir", str(workdir), "--config.stages=vae", "--config.vae_train.steps=100000",
+               "--config.vae_train.checkpoint_every=1", "--config.vae_train.log_every=1000"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = workdir / "vae" / "checkpoints"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill while a save is in flight: a temporary step folder exists
+            names = [p.name for p in checkpoints.iterdir()] if checkpoints.is_dir() else []
+            if any(n.isdigit() for n in names) and any("tmp" in n for n in names):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("no asynchronous save was observed in progress")
+    finally:
+        process.kill()
+        process.wait()
+    complete = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    config = tiny.get_config()
+    source = load_shapes(workdir / "data", "train", num_train=64, num_test=16)
+    stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    config.vae_train.update(steps=complete[-1] + 2, checkpoint_every=1)
+    result = train_lib.train(stage, config.vae_train, workdir / "vae",
+                             make_loader(source, batch_size=8, seed=0), total_batch=8)
+    assert result.history[0]["step"] == complete[-1] + 1
+    assert int(result.state.step) == complete[-1] + 2
+
+
+def test_fine_tune_a_diffusers_checkpoint_on_an_image_folder(tmp_path):
+    base = tmp_path / "base"
+    make_tiny_sd_pipeline(base)
+    images = tmp_path / "my_pictures"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a red circle" if i % 2 else "circle")
+    config = tiny.get_config()
+    config.pretrained = str(base)
+    config.stages = "diffusion"
+    config.data.update(dataset="folder", folder=str(images))
+    config.diffusion.train_text_encoder = False
+    recipe.run(config, tmp_path / "run")
+    tuned = jdiff.load_pipeline(tmp_path / "run" / "pipeline")
+    original = jdiff.load_pipeline(base)
+    changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                           tuned.params["unet"], original.params["unet"])
+    assert max(jax.tree.leaves(changed)) > 0
+    same_text = jax.tree.map(lambda a, b: np.array_equal(a, b), tuned.params["text_encoder"],
+                             original.params["text_encoder"])
+    assert all(jax.tree.leaves(same_text))  # frozen
+
+
+def test_bad_input(tmp_path):
+    config = tiny.get_config()
+    config.data.update(dataset="folder", folder=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="missing"):
+        recipe.run(config, tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    config.data.folder = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="no images"):
+        recipe.run(config, tmp_path / "b")
+    config = tiny.get_config()
+    config.stages = "vae,decoder"
+    with pytest.raises(ConfigError, match="unknown stage"):
+        recipe.run(config, tmp_path / "c")
+    # Resuming with a different model is refused, naming the field.
+    vae_run(tmp_path, "run", steps=3)
+    config = tiny.get_config()
+    config.vae.block_out_channels = (8, 8)
+    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    with pytest.raises(TrainingError, match="block_out_channels"):
+        train_lib.train(stage, config.vae_train, tmp_path / "run", make_loader(source, batch_size=8, seed=0),
+                        total_batch=8)
+
+
+def test_unknown_config_override_lists_close_matches():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config.diffusion_train.stpes=3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "stpes" in result.stderr and "steps" in result.stderr
+
+
+def test_detector_reads_real_images():
+    source_images = [evaluate.shapes.example(i, "test", 32) for i in range(300)]
+    labels = [(e["shape"], e["colour"], e["size"], e["position"]) for e in source_images]
+    accuracy = evaluate.score([e["image"] for e in source_images], labels)
+    assert accuracy["colour_accuracy"] >= 0.99 and accuracy["position_accuracy"] >= 0.99
+    assert accuracy["shape_accuracy"] >= 0.93 and accuracy["size_accuracy"] >= 0.97
