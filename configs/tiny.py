@@ -10,7 +10,7 @@ def get_config():
     config.vae.block_out_channels = (8, 16)
     config.vae.norm_num_groups = 4
     config.text.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    config.unet.update(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
+    config.unet.update(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=2,
                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     for section in (config.vae_train, config.diffusion_train):

@@ -94,7 +94,8 @@ def unet_config(config, vae: VAEConfig, cross_attention_dim: int) -> UNetConfig:
         out_channels=vae.latent_channels, block_out_channels=tuple(u.block_out_channels),
         layers_per_block=u.layers_per_block, attention_head_dim=u.attention_head_dim,
         norm_num_groups=u.norm_num_groups, down_block_types=tuple(u.down_block_types),
-        up_block_types=tuple(u.up_block_types), cross_attention_dim=cross_attention_dim)
+        up_block_types=tuple(u.up_block_types), cross_attention_dim=cross_attention_dim,
+        only_cross_attention=u.get("only_cross_attention", False))
 
 
 def token_ids(tokenizer, captions) -> np.ndarray:

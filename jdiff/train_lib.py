@@ -83,7 +83,10 @@ def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, em
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    # EMA warm-up (as diffusers' EMAModel): early on, a 0.999 average would still be mostly the
+    # random initialisation; the effective decay grows from 0.1 towards ema_decay.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     if isinstance(optimizer, optax.MultiSteps):  # the EMA follows real updates, not micro-steps
         updated = optimizer.has_updated(opt_state)
         ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema, state.ema_params)

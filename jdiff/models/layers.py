@@ -128,6 +128,9 @@ def _attention_one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.lax.map(block, q).reshape(blocks * rows, -1)[:t]
 
 
+_SMALL_SCORES = 1 << 16  # query x key positions per head below which all heads run at once
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention on [B,T,N,H] tensors.
 
@@ -136,9 +139,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     first level) and runs 5x slower than PyTorch; one head and one block of queries at a time keeps
     the scores in cache and beats PyTorch's flash kernel (measured in bench/models.py).
     """
-    if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v)
     b, t, n, h = q.shape
+    # Short sequences (small latents, text): every head's scores fit in cache together, and a
+    # sequential loop over batch x heads would cost far more than it saves.
+    if jax.default_backend() != "cpu" or t * k.shape[1] <= _SMALL_SCORES:
+        return jax.nn.dot_product_attention(q, k, v)
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
     out = jax.lax.map(lambda qkv: _attention_one_head(*qkv), (heads(q), heads(k), heads(v)))
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
