@@ -54,11 +54,13 @@ class Pipeline:
 
 def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
     """A diffusers-format Stable Diffusion folder (`model_index.json`, `unet/`, `vae/`,
-    `text_encoder/`, `tokenizer/`, `scheduler/`). `dtype` is the compute dtype (bfloat16 on
+    `text_encoder/`, `tokenizer/`, `scheduler/`), or a train.py workdir (its `pipeline/` export). `dtype` is the compute dtype (bfloat16 on
     accelerators); parameters are stored in `param_dtype`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
+    if (folder / "pipeline" / "model_index.json").is_file():  # a train.py workdir: its exported model
+        folder = folder / "pipeline"
     missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(

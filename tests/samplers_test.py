@@ -96,12 +96,11 @@ def run_jdiff(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0):
 
     @jax.jit
     def run(noise, plan, keys):
-        x = samplers.initial_latents(name, noise, plan)
+        # image-to-image starts from given latents (here the noise itself), text-to-image from
+        # noise at the sampler's initial scale
+        x = noise if strength < 1 else samplers.initial_latents(name, noise, plan)
         return samplers.sample(name, model_fn, x, plan, keys, config)
 
-    if strength < 1:  # the test's "clean image" is the noise itself, noised to the first level
-        run = jax.jit(lambda noise, plan, keys: samplers.sample(
-            name, model_fn, noise, plan, keys, config))
     out = np.asarray(run(jnp.asarray(noise), plan, keys))
     jax.effects_barrier()
     return inputs, out

@@ -10,7 +10,6 @@ import torch
 from transformers import CLIPTextConfig as TorchConfig
 from transformers import CLIPTextModel as TorchText
 from transformers import CLIPTextModelWithProjection as TorchTextWithProjection
-from transformers import CLIPTokenizer
 
 from jdiff.convert import load_text_encoder, load_tokenizer, save_text_encoder
 from jdiff.errors import CheckpointError, ConfigError

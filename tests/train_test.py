@@ -34,7 +34,7 @@ def test_whole_recipe_exports_a_pipeline_that_jdiff_and_diffusers_load(tmp_path)
     assert list((tmp_path / "vae" / "tensorboard").glob("events.*"))
     assert list((tmp_path / "diffusion" / "tensorboard").glob("events.*"))
     assert sorted(int(p.name) for p in (tmp_path / "diffusion" / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
-    pipe = jdiff.load_pipeline(tmp_path / "pipeline")
+    pipe = jdiff.load_pipeline(tmp_path)  # the workdir stands for its exported pipeline
     images = jdiff.generate(pipe, "a small red circle at the top left", steps=2, guidance=3.0)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
