@@ -37,6 +37,8 @@ CONFIGS = {
     "mid_without_attention": dict(TWO_BLOCKS, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1.5,
                                   downsample_padding=0, act_fn="mish"),
     "no_mid_block": dict(TWO_BLOCKS, mid_block_type=None, norm_eps=1e-6),
+    # A bool only_cross_attention reaches the down/up blocks but not diffusers' cross-attention mid block.
+    "only_cross_attention": dict(TWO_BLOCKS, only_cross_attention=True),
 }
 
 

@@ -271,13 +271,12 @@ class MidBlock(_Block):
     @nn.compact
     def __call__(self, x, temb, context):
         cfg = self.config
-        only_cross = cfg.mid_block_only_cross_attention
-        if only_cross is None:
-            only_cross = cfg.only_cross_attention if isinstance(cfg.only_cross_attention, bool) else False
         x = self.resnet("resnets_0", cfg.mid_block_scale_factor)(x, temb)
         if cfg.mid_block_type == "UNetMidBlock2D":  # diffusers builds it with a single resnet here
             return x
-        x = self.transformer("attentions_0", only_cross)(x, context)
+        # diffusers' UNetMidBlock2DCrossAttn always has self-attention: (mid_block_)only_cross_attention
+        # reaches only the SimpleCrossAttn mid block, which jdiff does not implement.
+        x = self.transformer("attentions_0", False)(x, context)
         return self.resnet("resnets_1", cfg.mid_block_scale_factor)(x, temb)
 
 
