@@ -4,10 +4,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 import jdiff
-from jdiff import image_io, prompts, sample_lib
+from jdiff import distributed, image_io, prompts, sample_lib
 from jdiff.errors import CheckpointError, ConfigError
 
 
@@ -25,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, help="images per call, split over every device of every "
+                   "host (default: the number of devices, at least 4)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--init-image", help="image-to-image: the starting picture")
@@ -34,12 +36,19 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
     p.add_argument("--out", default="samples")
+    p.add_argument("--coordinator-address", help="multi-process: host:port of process 0 (TPU pods and "
+                   "SLURM are detected without it)")
+    p.add_argument("--num-processes", type=int, help="multi-process: how many processes")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if args.batch_size is None:
+            args.batch_size = max(4, jax.device_count())
         if args.compile_cache:
             sample_lib.enable_compilation_cache(args.compile_cache)
         if args.batch_size < 1:
@@ -58,8 +67,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(stats.summary())
-    print(f"wrote {len(jobs)} images and grid.png to {args.out}/")
+    if jax.process_index() == 0:
+        print(stats.summary())
+        print(f"wrote {len(jobs)} images and grid.png to {args.out}/")
     return 0
 
 

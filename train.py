@@ -4,21 +4,29 @@ sample grid and the prompt-adherence evaluation, all under ./workdir/shapes.
     python train.py
     python train.py --config configs/tiny.py --workdir /tmp/run
     python train.py --config.diffusion_train.steps=5000 --config.diffusion.prediction_type=v_prediction
+
+Several hosts: run the same command on each (a TPU VM pod slice or SLURM is detected; elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 import json
 import sys
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import recipe
+from jdiff import distributed, recipe
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "default.py"),
                                           "an ml_collections config file (get_config())", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/shapes", "checkpoints, logs, samples and the exported model")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
 def main(argv):
@@ -26,13 +34,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         results = recipe.run(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if results:
-        print(json.dumps(results, indent=2))
-    print(f"done: model in {_WORKDIR.value}/pipeline, samples in {_WORKDIR.value}/samples")
+    if jax.process_index() == 0:
+        if results:
+            print(json.dumps(results, indent=2))
+        print(f"done: model in {_WORKDIR.value}/pipeline, samples in {_WORKDIR.value}/samples")
     return 0
 
 

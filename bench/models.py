@@ -8,9 +8,7 @@ jdiff), in one process, one after the other, each with a warm-up call first.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff.convert import load_unet, load_vae  # noqa: E402
@@ -116,16 +115,7 @@ def main():
         if args.only in (None, "vae"):
             results.append(bench_vae(Path(tmp), args.repeats))
 
-    report = dict(
-        command="python bench/models.py " + " ".join(sys.argv[1:]),
-        machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor()),
-        versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        results=results,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results)
 
 
 if __name__ == "__main__":

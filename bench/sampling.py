@@ -10,9 +10,7 @@ For each model and batch size it reports, for both sides:
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -188,15 +187,7 @@ def main():
         for name, batch in runs:
             if args.only in (None, name):
                 results.append(bench(name, MODELS[name], batch, args.repeats, Path(tmp) / name))
-    report = dict(
-        command="python bench/sampling.py " + " ".join(sys.argv[1:]),
-        sampler="ddim", machine=dict(cpus=os.cpu_count(), platform=platform.platform()),
-        versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
-        results=results,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, results, sampler="ddim")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
         async_checkpoints=True,
         eval_every=1000,
         seed=0,
-        num_devices=0,  # 0 = every visible device
+        num_devices=0,  # 0 = every device of every process
+        # Device mesh: the batch is split over data x fsdp; fsdp also shards parameters, optimizer
+        # state and EMA; tensor splits attention heads and MLP units. One size may be -1 (the rest).
+        mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
     ))
     section.update(overrides)
     return section

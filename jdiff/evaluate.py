@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from jdiff.data import shapes
+from jdiff.data import decode_example, shapes
 
 _PALETTE = np.asarray([shapes.COLOUR_RGB[c] for c in shapes.COLOURS], np.float32) / 255.0
 _MIN_CHROMA = 0.18  # colourfulness separating objects from the grey background
@@ -124,9 +124,8 @@ def first_objects(source, count: int) -> tuple[list[str], list[tuple]]:
     """Captions and first-object labels of the first `count` examples of a shapes source."""
     captions, labels = [], []
     for i in range(min(count, len(source))):
-        item = source[i]
-        caption = item["caption"]
-        captions.append(caption.decode() if isinstance(caption, bytes) else str(caption))
+        item = decode_example(source[i])
+        captions.append(item["caption"])
         labels.append(tuple(int(item[k]) for k in ("shape", "colour", "size", "position")))
     return captions, labels
 

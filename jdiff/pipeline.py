@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import convert, guidance as guidance_lib, samplers
+from jdiff import convert, guidance as guidance_lib, samplers, sharding
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.models.vae import scale_latents, unscale_latents
 from jdiff.schedules import SchedulerConfig, read_scheduler_config
@@ -243,23 +243,16 @@ def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, ima
 
 
 def default_mesh() -> Mesh:
-    """A one-axis `data` mesh over every device of every host."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def _put(value, sharding: NamedSharding):
-    """A global array from a host value that every process holds whole: each process fills only
-    the shards on its own devices (works on one host and across hosts alike)."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    """Every device of every host on the `data` axis: each device samples its own prompts."""
+    return sharding.make_mesh({"data": -1})
 
 
 def _placed_params(pipe: Pipeline, mesh: Mesh):
-    key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+    """The weights laid out on `mesh`: replicated, except over a mesh's fsdp/tensor axes."""
+    key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names, mesh.devices.shape)
     if key not in pipe._placed:
         pipe._placed.clear()
-        replicated = NamedSharding(mesh, P())
-        pipe._placed[key] = jax.tree.map(lambda a: _put(a, replicated), pipe.params)
+        pipe._placed[key] = sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh))
     return pipe._placed[key]
 
 
@@ -344,17 +337,17 @@ def generate(
     static = _Static((pipe.unet, pipe.vae, pipe.text_encoder), sampler, config, latent_shape, mode, use_cfg,
                      clip_skip, latents is not None)
 
-    # Pad the batch to a multiple of the data axis, shard it, and drop the padding afterwards.
+    # Pad the batch to a multiple of the batch axes (data x fsdp), shard it, drop the padding after.
     mesh = mesh or default_mesh()
-    size = mesh.shape["data"]
+    size = sharding.batch_shards(mesh)
     padded = -(-batch // size) * size
     pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
     batch_inputs = [tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer, negatives), _seeds(seed, batch),
                     latents, image, mask_array]
-    sharded = NamedSharding(mesh, P("data"))
-    batch_inputs = [None if a is None else _put(pad(a), sharded) for a in batch_inputs]
+    sharded = sharding.batch_sharding(mesh)
+    batch_inputs = [None if a is None else sharding.put(pad(a), sharded) for a in batch_inputs]
     replicated = NamedSharding(mesh, P())
-    scalars = jax.tree.map(lambda a: _put(a, replicated), (plan, np.float32(guidance), np.float32(guidance_rescale)))
+    scalars = jax.tree.map(lambda a: sharding.put(a, replicated), (plan, np.float32(guidance), np.float32(guidance_rescale)))
     static = dataclasses.replace(static, latent_shape=(padded,) + latent_shape[1:])
     ids, negative_ids, seeds, noise, image, mask_array = batch_inputs
     images = _generate(_placed_params(pipe, mesh), ids, negative_ids, seeds, noise, scalars[0], scalars[1],

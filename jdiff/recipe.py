@@ -17,14 +17,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jdiff import convert, stages, train_lib
-from jdiff.data import load_shapes, make_loader, to_model_range
+from jdiff import convert, distributed, sharding, stages, train_lib
+from jdiff.data import decode_example, load_shapes, make_loader, shapes, to_model_range
 from jdiff.data.image_folder import ImageFolder
 from jdiff.data.tokenizer import write_caption_tokenizer
 from jdiff.errors import ConfigError
 from jdiff.models.text import CLIPTextModel
 from jdiff.models.unet import UNet2DConditionModel
-from jdiff.models.vae import AutoencoderKL
 from jdiff.pipeline import Pipeline, load_pipeline, save_pipeline
 
 STAGES = ("vae", "diffusion")
@@ -36,7 +35,9 @@ def data_sources(config, workdir: Path):
     if data.dataset == "shapes":
         data_dir = Path(data.data_dir or workdir / "data")
         kw = dict(resolution=data.resolution, num_train=data.num_train, num_test=data.num_test, seed=config.seed)
-        return load_shapes(data_dir, "train", **kw), load_shapes(data_dir, "test", **kw)
+        # Built once, by process 0, into a data_dir that every process can read.
+        return distributed.main_first("shapes dataset", lambda: (load_shapes(data_dir, "train", **kw),
+                                                                 load_shapes(data_dir, "test", **kw)))
     if data.dataset == "folder":
         if not data.folder:
             raise ConfigError("data.dataset is 'folder' but data.folder is empty: set --config.data.folder=DIR.")
@@ -45,9 +46,17 @@ def data_sources(config, workdir: Path):
 
 
 def _examples(source, count: int) -> tuple[np.ndarray, list[str]]:
-    items = [source[i] for i in range(min(count, len(source)))]
-    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in (it.get("caption", "") for it in items)]
-    return to_model_range(np.stack([it["image"] for it in items])), captions
+    items = [decode_example(source[i]) for i in range(min(count, len(source)))]
+    return to_model_range(np.stack([it["image"] for it in items])), [str(it.get("caption", "")) for it in items]
+
+
+def _all_captions(config, source) -> list[str]:
+    """Every training caption, without decoding any image: shapes captions are a function of the
+    scene, an image folder keeps its captions in memory."""
+    if isinstance(source, ImageFolder):
+        return [text for _, text in source.entries]
+    return [shapes.caption([placed.object for placed in shapes.scene(i, "train", config.seed)])
+            for i in range(len(source))]
 
 
 def _loader(source, section, seed):
@@ -60,17 +69,17 @@ def _loader(source, section, seed):
 def train_vae(config, workdir: Path, train_source, test_source):
     """Stage 1; returns (module with its latent scaling factor, EMA params) and exports vae/export."""
     test_images, _ = _examples(test_source or train_source, 200)
-    stage = stages.vae_stage(config, test_images)
+    module = stages.vae_module(config)
+    stage = stages.vae_stage(config, test_images, module)
     state, _ = train_lib.train(stage, config.vae_train, workdir / "vae", _loader(train_source, config.vae_train, config.seed),
                             total_batch=config.vae_train.batch_size)
     if int(state.step) < config.vae_train.steps:
         return None, None  # stopped early (run_steps): the next invocation resumes
-    module = AutoencoderKL(stages.vae_config(config), dtype=stages.compute_dtype(config))
-    params = jax.device_get(state.ema_params)
+    params = sharding.gather(state.ema_params)
     sample_images, _ = _examples(train_source, 1000)
     scaling = stages.latent_scaling_factor(module, params, sample_images)
     module = module.clone(config=dataclasses.replace(module.config, scaling_factor=scaling))
-    if jax.process_index() == 0:
+    if distributed.is_main():
         convert.save_vae(module, params, workdir / "vae" / "export")
     return module, params
 
@@ -93,9 +102,8 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
         text_params, unet_params = base.params["text_encoder"], base.params["unet"]
         scheduler = base.scheduler
     else:
-        captions = _examples(train_source, len(train_source))[1] if config.data.dataset == "folder" else \
-            [train_source[i]["caption"].decode() for i in range(len(train_source))]
-        tokenizer = write_caption_tokenizer(workdir / "tokenizer", captions, config.text.max_length)
+        tokenizer = distributed.main_first("tokenizer", lambda: write_caption_tokenizer(
+            workdir / "tokenizer", _all_captions(config, train_source), config.text.max_length))
         text = CLIPTextModel(stages.text_config(config, tokenizer), dtype=dtype)
         unet = UNet2DConditionModel(stages.unet_config(config, vae.config, config.text.hidden_size), dtype=dtype,
                                     gradient_checkpointing=config.remat)
@@ -125,8 +133,8 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                             total_batch=config.diffusion_train.batch_size)
     if int(state.step) < config.diffusion_train.steps:
         return None  # stopped early (run_steps): the next invocation resumes
-    pipe = pipeline_from(jax.device_get(state.ema_params))
-    if jax.process_index() == 0:
+    pipe = pipeline_from(sharding.gather(state.ema_params))
+    if distributed.is_main():
         save_pipeline(pipe, workdir / "pipeline")
     return pipe
 
@@ -139,7 +147,8 @@ def run(config, workdir) -> dict:
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in config.stages; use a comma-separated subset of {STAGES}.")
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if distributed.is_main():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     train_source, test_source = data_sources(config, workdir)
     test_captions = _examples(test_source, 1000)[1] if test_source is not None else _examples(train_source, 64)[1]
     stopped = {"stopped_early": "run_steps reached; run the same command again to continue"}
@@ -167,7 +176,7 @@ def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> d
     s = config.sample
     captions = _examples(test_source, s.num_prompts)[1] if test_source is not None else ["a picture"] * s.num_prompts
     images = generate(pipe, captions, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
-    if jax.process_index() == 0:
+    if distributed.is_main():
         (workdir / "samples").mkdir(exist_ok=True)
         image_io.save_png(workdir / "samples" / "grid.png", image_io.image_grid(images, columns=4),
                           {"prompts": captions, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance})
@@ -178,6 +187,6 @@ def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> d
     results = evaluate.evaluate_pipeline(pipe, test_source, num_prompts=config.evaluate.num_prompts,
                                          guidances=tuple(config.evaluate.guidances), sampler=s.sampler,
                                          steps=s.steps, batch_size=config.evaluate.batch_size)
-    if jax.process_index() == 0:
+    if distributed.is_main():
         (workdir / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

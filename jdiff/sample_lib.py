@@ -51,17 +51,19 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     """Generates every job in batches of `batch_size` (the last one padded, so all batches share
     one compiled program) and writes out/NNNNN.png plus out/grid.png. Each PNG's text metadata
     holds its prompt, seed, the scalar settings and `metadata` (e.g. input file names)."""
-    out.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0  # every process generates its share; process 0 writes the files
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     start, compile_start = time.perf_counter(), _compile_seconds[0]
     stats = RunStats(0, 0.0, 0.0, 0.0)
     images = []
-    with tqdm(total=len(jobs), unit="img", desc="sampling") as bar:
+    with tqdm(total=len(jobs), unit="img", desc="sampling", disable=not main) as bar:
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first:first + batch_size]
             padded = batch + [batch[-1]] * (batch_size - len(batch))
             result = generate(pipe, [j.prompt for j in padded], negative_prompts=[j.negative_prompt for j in padded],
                               seed=[j.seed for j in padded], **settings)[:len(batch)]
-            for k, (job, image) in enumerate(zip(batch, result)):
+            for k, (job, image) in enumerate(zip(batch, result) if main else ()):
                 parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                               "model": pipe.source, **metadata, **{key: v for key, v in settings.items() if _printable(v)}}
                 image_io.save_png(out / f"{first + k:05d}.png", image, parameters)
@@ -71,7 +73,8 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
                 stats.first_batch_images = len(batch)
             bar.update(len(batch))
     grid = np.concatenate(images)
-    image_io.save_png(out / "grid.png", image_io.image_grid(grid), {"prompts": [j.prompt for j in jobs]})
+    if main:
+        image_io.save_png(out / "grid.png", image_io.image_grid(grid), {"prompts": [j.prompt for j in jobs]})
     stats.images, stats.seconds = len(jobs), time.perf_counter() - start
     stats.compile_seconds = _compile_seconds[0] - compile_start
     return stats

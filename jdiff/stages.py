@@ -31,9 +31,13 @@ def vae_config(config) -> VAEConfig:
         sample_size=config.data.resolution, mid_block_add_attention=config.vae.mid_block_add_attention)
 
 
-def vae_stage(config, test_images: np.ndarray) -> Stage:
+def vae_module(config) -> AutoencoderKL:
+    return AutoencoderKL(vae_config(config), dtype=compute_dtype(config), gradient_checkpointing=config.remat)
+
+
+def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = None) -> Stage:
     """test_images: float32 [N, R, R, 3] in [-1, 1] for the PSNR evaluation."""
-    module = AutoencoderKL(vae_config(config), dtype=compute_dtype(config), gradient_checkpointing=config.remat)
+    module = module or vae_module(config)
     resolution = config.data.resolution
 
     def init_params(rng):

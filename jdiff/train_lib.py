@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
+from jdiff import sharding
 from jdiff.checkpoint import Checkpoints
 from jdiff.errors import ConfigError, TrainingError
 
@@ -95,12 +96,15 @@ def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, em
 
 
 def make_mesh(config) -> Mesh:
-    """A one-axis `data` mesh over `config.num_devices` devices (0 = all of them)."""
+    """The (data, fsdp, tensor) mesh of `config.mesh` over `config.num_devices` devices (0 = all
+    devices of all processes; a smaller count is for single-process tests and benchmarks)."""
     devices = jax.devices()
     count = config.get("num_devices", 0) or len(devices)
     if count > len(devices):
         raise ConfigError(f"num_devices = {count} but only {len(devices)} devices are visible.")
-    return Mesh(np.asarray(devices[:count]), ("data",))
+    if count < len(devices) and jax.process_count() > 1:
+        raise ConfigError("num_devices must be 0 (every device) when several processes train together.")
+    return sharding.make_mesh(config.get("mesh", {"data": -1}), devices[:count])
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
@@ -168,14 +172,18 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or make_mesh(config)
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
+    sharding.batch_size_per_process(mesh, total_batch)
+    batch_sharding = sharding.batch_sharding(mesh)
     optimizer = make_optimizer(config)
     rng = jax.random.key(config.seed)
 
-    create = jax.jit(functools.partial(init_state, stage=stage, optimizer=optimizer), out_shardings=replicated)
+    # The state is created already laid out over the mesh (each device computes only its shards),
+    # never whole on one device; a restore reads straight into the same layout.
+    create = functools.partial(init_state, stage=stage, optimizer=optimizer)
     abstract = jax.eval_shape(create, rng)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+    state_shardings = sharding.tree_shardings(abstract, mesh)
+    abstract = sharding.with_shardings(abstract, state_shardings)
+    create = jax.jit(create, out_shardings=state_shardings)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     data = iter(loader)
     for step in reversed(checkpoints.steps()):  # refuse a different model before touching any array
@@ -193,12 +201,13 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
         logger.line(f"resumed from step {saved_step} in {checkpoints.directory}")
     else:
         state = create(rng)
-    frozen = jax.device_put(stage.frozen, replicated) if stage.frozen is not None else None
+    frozen_shardings = sharding.tree_shardings(stage.frozen, mesh)
+    frozen = sharding.put(stage.frozen, frozen_shardings)
 
     step_fn = jax.jit(
         functools.partial(train_step, loss_fn=stage.loss_fn, optimizer=optimizer, ema_decay=config.ema_decay),
-        in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated),
-        donate_argnums=0)
+        in_shardings=(state_shardings, batch_sharding, frozen_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     schedule = learning_rate_schedule(config)
     start = int(state.step)
     stop = min(config.steps, start + config.run_steps) if config.get("run_steps", 0) else config.steps

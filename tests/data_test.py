@@ -12,6 +12,7 @@ from PIL import Image
 
 from jdiff.data import ImageFolder, load_shapes, make_loader, shapes, steps_per_epoch
 from jdiff.errors import ConfigError
+from jdiff.data.tokenizer import caption_words, write_caption_tokenizer
 
 CLAUSE = re.compile(r"a (small|large) (\w+) (\w+) at the ([a-z ]+)")
 
@@ -297,9 +298,18 @@ def test_loader_shards_are_disjoint_and_cover_the_data():
     assert len(shards[0]) == len(shards[1]) == 32
     assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(64))
     # An uneven source gives every shard the same number of examples (and steps).
-    uneven = [indices(make_loader(toy_source(67), batch_size=1, seed=0, num_epochs=1, shard_index=i,
+    uneven = [indices(make_loader(toy_source(67), batch_size=2, seed=0, num_epochs=1, shard_index=i,
                                   shard_count=3)) for i in range(3)]
     assert [len(u) for u in uneven] == [22, 22, 22]
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    source = toy_source(100)
+    whole = take(iter(make_loader(source, batch_size=12, seed=5, shard_index=0, shard_count=1)), 20)
+    parts = [take(iter(make_loader(source, batch_size=4, seed=5, shard_index=i, shard_count=3)), 20)
+             for i in range(3)]
+    for step, batch in enumerate(whole):
+        assert batch["index"].tolist() == [i for part in parts for i in part[step]["index"].tolist()]
 
 
 def test_loader_reads_shapes_and_folders(tmp_path, folder):
@@ -317,9 +327,22 @@ def test_loader_errors():
         make_loader(source, batch_size=0, seed=0)
     with pytest.raises(ConfigError, match=r"shard_index must be in \[0, shard_count=2\)"):
         make_loader(source, batch_size=2, seed=0, shard_index=2, shard_count=2)
-    with pytest.raises(ConfigError, match="too few for 16 shards"):
-        make_loader(source, batch_size=2, seed=0, shard_index=0, shard_count=16)
-    with pytest.raises(ConfigError, match="cannot fill one batch of 32"):
+    with pytest.raises(ConfigError, match="data source is empty"):
+        make_loader([], batch_size=2, seed=0, shard_index=0, shard_count=1)
+    with pytest.raises(ConfigError, match="cannot fill one global batch of 32"):
         make_loader(source, batch_size=32, seed=0, num_epochs=1, shard_index=0, shard_count=1)
     with pytest.raises(ConfigError, match="data seed"):
         make_loader(source, batch_size=2, seed=-1)
+
+
+def test_caption_tokenizer_makes_every_caption_word_one_token(tmp_path):
+    captions = [shapes.caption([p.object for p in shapes.scene(i)]) for i in range(300)]
+    captions += ["a triangle at the bottom right", "trial and error: ri tri"]  # shared prefixes and pieces
+    tokenizer = write_caption_tokenizer(tmp_path / "tok", captions, max_length=32)
+    for word in caption_words(captions):
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    ids = tokenizer(["a large purple triangle at the bottom right"]).input_ids[0]
+    assert len(ids) == 2 + 8 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    # Any other text still tokenizes (byte fallback) and decodes back (up to spaces).
+    decoded = tokenizer.decode(tokenizer("zebra 42!").input_ids, skip_special_tokens=True)
+    assert decoded.replace(" ", "") == "zebra42!"

@@ -5,20 +5,19 @@ import json
 import torch
 from transformers import CLIPTokenizer
 
+from jdiff.data.tokenizer import byte_symbols
 from parity import randomize_torch
 
 
 def write_tiny_tokenizer(folder):
     """A byte-level BPE vocabulary small enough to write by hand, in CLIP's on-disk format."""
-    # GPT-2's byte-to-character table: printable bytes stand for themselves, the rest map past 255.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    chars = byte_symbols()
     merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"), ("circ", "l"), ("circl", "e</w>")]
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # Loaded with transformers directly: tests compare jdiff's loader against this.
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 

@@ -39,6 +39,8 @@ CONFIGS = {
     "no_mid_block": dict(TWO_BLOCKS, mid_block_type=None, norm_eps=1e-6),
     # A bool only_cross_attention reaches the down/up blocks but not diffusers' cross-attention mid block.
     "only_cross_attention": dict(TWO_BLOCKS, only_cross_attention=True),
+    # The attention-pooled text added to the time embedding (DeepFloyd IF's TextTimeEmbedding).
+    "text_time_embedding": dict(TWO_BLOCKS, addition_embed_type="text", addition_embed_type_num_heads=4),
 }
 
 

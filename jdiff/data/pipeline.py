@@ -33,17 +33,9 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32) * (2.0 / 255.0) - 1.0
 
 
-def shard_bounds(size: int, shard_index: int, shard_count: int) -> tuple[int, int]:
-    """[start, stop) of one process's contiguous block. Every shard has size // shard_count examples
-    (the remainder is dropped) so all processes run the same number of steps and none waits forever
-    in a collective."""
-    per_shard = size // shard_count
-    return shard_index * per_shard, (shard_index + 1) * per_shard
-
-
 def steps_per_epoch(size: int, batch_size: int, shard_count: int = 1) -> int:
-    """Batches one process gets from one pass over its shard (the last partial batch is dropped)."""
-    return (size // shard_count) // batch_size
+    """Global batches in one pass over the data (batch_size per process; the rest is dropped)."""
+    return size // (batch_size * shard_count)
 
 
 def _check(source, batch_size, seed, num_epochs, shard_index, shard_count) -> None:
@@ -55,12 +47,11 @@ def _check(source, batch_size, seed, num_epochs, shard_index, shard_count) -> No
         raise ConfigError(f"num_epochs must be a positive integer or None for endless (got {num_epochs!r}).")
     if not 0 <= shard_index < shard_count:
         raise ConfigError(f"shard_index must be in [0, shard_count={shard_count}) (got {shard_index}).")
-    per_shard = len(source) // shard_count
-    if per_shard == 0:
-        raise ConfigError(f"the data source has {len(source)} examples: too few for {shard_count} shards.")
-    if num_epochs is not None and per_shard * num_epochs < batch_size:
-        raise ConfigError(f"{num_epochs} epoch(s) of a {per_shard}-example shard cannot fill one "
-                          f"batch of {batch_size}.")
+    if len(source) == 0:
+        raise ConfigError("the data source is empty.")
+    if num_epochs is not None and len(source) * num_epochs < batch_size * shard_count:
+        raise ConfigError(f"{num_epochs} epoch(s) of {len(source)} examples cannot fill one global batch of "
+                          f"{batch_size} x {shard_count} processes.")
 
 
 def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
@@ -68,14 +59,16 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num
                 transform: Callable[[dict], dict] = decode_example,
                 tokenize: Callable[[list[str]], object] | None = None,
                 num_threads: int = 4, prefetch: int = 256) -> grain.IterDataset:
-    """Batches of this process's shard of `source` (anything with len and [i] -> dict).
+    """This process's part of every global batch of `source` (anything with len and [i] -> dict).
 
     source:      e.g. `load_shapes(...)` or `ImageFolder(...)`; elements are dicts with "image"
                  (uint8 [H, W, 3]) and usually "caption".
+    batch_size:  examples per batch on this process; a global batch is batch_size x shard_count.
     seed:        the shuffle order; each epoch is a fresh permutation derived from it.
     num_epochs:  None repeats forever; batches may straddle epoch boundaries.
-    shard_index, shard_count: default to jax.process_index() / jax.process_count(), so each host
-                 reads only its own contiguous 1/shard_count of the examples.
+    shard_index, shard_count: default to jax.process_index() / jax.process_count(). Every process
+                 walks the same global order and reads only its own block of each global batch, so
+                 the global batches (and a run's losses) are the same on any number of hosts.
     transform:   applied to every example before batching (runs in the read threads).
     tokenize:    optional, maps the batch's list of captions to token ids, stored as batch["ids"].
     num_threads, prefetch: read-ahead threads and buffered examples; they never change the order.
@@ -87,15 +80,16 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     _check(source, batch_size, seed, num_epochs, shard_index, shard_count)
-    start, stop = shard_bounds(len(source), shard_index, shard_count)
-    dataset = grain.MapDataset.source(source)[start:stop]
+    dataset = grain.MapDataset.source(source)
     if shuffle:
         dataset = dataset.shuffle(seed=int(seed))
     # After shuffle, so each epoch gets its own permutation (grain reseeds per epoch).
-    dataset = dataset.repeat(num_epochs).map(transform)
+    dataset = dataset.repeat(num_epochs).map(transform).batch(int(batch_size), drop_remainder=True)
+    if num_epochs is not None:  # whole global batches only, so every process runs the same steps
+        dataset = dataset[:len(dataset) // shard_count * shard_count]
+    dataset = dataset[shard_index::shard_count]  # lazy: only this process's blocks are ever read
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    dataset = dataset.to_iter_dataset(read_options).batch(int(batch_size), drop_remainder=True)
-    return dataset.map(_BatchFinisher(tokenize))
+    return dataset.to_iter_dataset(read_options).map(_BatchFinisher(tokenize))
 
 
 class _BatchFinisher:

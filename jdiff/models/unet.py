@@ -24,11 +24,11 @@ MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 # diffusers UNet2DConditionModel arguments that jdiff does not implement, with the value accepted.
 _UNSUPPORTED = {
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+    "dual_cross_attention": False, "class_embed_type": None,
     "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_act_fn": None,
     "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+    "class_embeddings_concat": False, "cross_attention_norm": None,
     "dropout": 0.0,
 }
 
@@ -67,6 +67,10 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     mid_block_only_cross_attention: Optional[bool] = None
+    # "text": an attention-pooled summary of the text is added to the time embedding, so every
+    # ResNet sees the prompt (diffusers' TextTimeEmbedding, as in DeepFloyd IF).
+    addition_embed_type: Optional[str] = None
+    addition_embed_type_num_heads: int = 64
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "unet config") -> "UNetConfig":
@@ -111,6 +115,14 @@ class UNetConfig:
                 raise ConfigError(f"{source}: {channels} channels do not split into {h} attention heads.")
             if groups and channels % groups:
                 raise ConfigError(f"{source}: {channels} channels do not split into {groups} norm groups.")
+        if self.addition_embed_type not in (None, "text"):
+            raise ConfigError(f"{source}: addition_embed_type {self.addition_embed_type!r} is not supported; "
+                              "use None or 'text'.")
+        if self.addition_embed_type and not isinstance(self.cross_attention_dim, int):
+            raise ConfigError(f"{source}: addition_embed_type 'text' needs one cross_attention_dim.")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ConfigError(f"{source}: cross_attention_dim {self.cross_attention_dim} does not split into "
+                              f"addition_embed_type_num_heads = {self.addition_embed_type_num_heads}.")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ConfigError(f"{source}: resnet_time_scale_shift {self.resnet_time_scale_shift!r} is not "
                               "supported; use 'default' or 'scale_shift'.")
@@ -142,6 +154,48 @@ class TimestepEmbedding(nn.Module):
             emb = emb + layers.dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(cond)
         emb = layers.dense(self.features, name="linear_1", **kw)(emb)
         return layers.dense(self.features, name="linear_2", **kw)(layers.activation(self.act_fn)(emb))
+
+
+class AttentionPooling(nn.Module):
+    """[B, L, W] -> [B, W]: one query (the mean token plus a learned offset) attends over itself
+    and the tokens."""
+
+    heads: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, _, width = x.shape
+        offset = self.param("positional_embedding", nn.initializers.normal(width ** -0.5), (1, width),
+                            self.param_dtype)
+        query_token = x.mean(axis=1, keepdims=True) + offset.astype(x.dtype)
+        x = jnp.concatenate([query_token, x], axis=1)
+        split = lambda t: t.reshape(batch, t.shape[1], self.heads, width // self.heads)  # noqa: E731
+        q = split(layers.dense(width, name="q_proj", **kw)(query_token))
+        k, v = (split(layers.dense(width, name=f"{n}_proj", **kw)(x)) for n in ("k", "v"))
+        scale = (width // self.heads) ** -0.25  # on both sides, as the reference does
+        weights = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+        weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The pooled text as a time-embedding offset (diffusers' addition_embed_type="text")."""
+
+    features: int
+    heads: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.layer_norm(1e-5, name="norm1", **kw)(context)
+        x = AttentionPooling(self.heads, name="pool", **kw)(x)
+        x = layers.dense(self.features, name="proj", **kw)(x)
+        return layers.layer_norm(1e-5, name="norm2", **kw)(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -317,6 +371,9 @@ class UNet2DConditionModel(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         temb = layers.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
         temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding", **kw)(temb, timestep_cond)
+        if cfg.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                            name="add_embedding", **kw)(context.astype(self.dtype))
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0

@@ -1,0 +1,27 @@
+"""What every benchmark writes next to its results: the command, the machine and the versions."""
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import jax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_report(out, results: list, **extra) -> None:
+    import torch
+
+    report = dict(
+        command=" ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor()),
+        versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        **extra,
+        results=results,
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -1,0 +1,167 @@
+"""Training step, jdiff vs diffusers (PyTorch) on this machine, float32, AdamW, same random weights;
+and the compiled memory of an SD1.5-shaped U-Net train step with and without remat.
+
+1. The 12.8M-parameter U-Net (blocks 64/128/256) on 32x32x4 latents, batch 8: one optimizer step
+   (forward, backward, AdamW update) of epsilon-prediction MSE. Both sides start from the same
+   weights (written by diffusers, loaded by jdiff) and see the same batch; their losses over the
+   first steps are compared before anything is timed.
+2. SD1.5's U-Net (860M parameters, 64x64x4 latents, 77x768 context), batch 8: the train step is
+   compiled, never run, and XLA's memory analysis reports what one device would need.
+
+    python bench/train.py                  # both parts, results to bench/results/train.json
+    python bench/train.py --only step --repeats 5
+"""
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+from report import write_report
+from sampling import MODELS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jdiff.convert import load_unet  # noqa: E402
+from jdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+
+LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-2  # torch.optim.AdamW's defaults otherwise (betas, eps)
+
+
+def jdiff_train_step(module):
+    """(params, opt_state, x, t, context, target) -> (params, opt_state, loss), buffers donated."""
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def loss_fn(params, x, t, context, target):
+        return jnp.mean((module.apply({"params": params}, x, t, context) - target) ** 2)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, x, t, context, target):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, t, context, target)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return optimizer, step
+
+
+def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    spec = MODELS["small"]["unet"]
+    torch.manual_seed(0)
+    model = TorchUNet(**spec).train()
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    model.save_pretrained(folder / "unet")
+    size, width = spec["sample_size"], spec["cross_attention_dim"]
+    x, target = torch.randn(batch, 4, size, size), torch.randn(batch, 4, size, size)
+    t = torch.randint(0, 1000, (batch,))
+    context = torch.randn(batch, 77, width)
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+    def torch_step():
+        torch_opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x, t, context).sample, target)
+        loss.backward()
+        torch_opt.step()
+        return float(loss)
+
+    module, params = load_unet(folder / "unet")
+    optimizer, step = jdiff_train_step(module)
+    opt_state = optimizer.init(params)
+    nhwc = lambda a: jnp.asarray(a.numpy().transpose(0, 2, 3, 1))
+    inputs = (nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), nhwc(target))
+
+    print("[step] checking that both sides train alike (3 steps)...", flush=True)
+    torch_losses = [torch_step() for _ in range(3)]
+    start = time.perf_counter()
+    step = step.lower(params, opt_state, *inputs).compile()
+    compile_s = time.perf_counter() - start
+    jdiff_losses = []
+    for _ in range(3):
+        params, opt_state, loss = step(params, opt_state, *inputs)
+        jdiff_losses.append(float(loss))
+    loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff_losses, torch_losses))
+    print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff_losses} (max rel. diff {loss_error:.1e})", flush=True)
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def jdiff_once():
+        nonlocal params, opt_state
+        params, opt_state, loss = step(params, opt_state, *inputs)
+        loss.block_until_ready()
+
+    torch_times, jdiff_times = timed(torch_step), timed(jdiff_once)
+    result = dict(
+        name=f"unet_small_train_step_b{batch}_{size}x{size}", params_millions=round(params_m, 2), batch=batch,
+        latent=f"{size}x{size}x4", optimizer="AdamW lr 1e-4 wd 1e-2", torch_s=float(np.median(torch_times)),
+        jdiff_s=float(np.median(jdiff_times)), jdiff_compile_s=compile_s, torch_runs=torch_times, jdiff_runs=jdiff_times,
+        losses_torch=torch_losses, losses_jdiff=jdiff_losses, max_rel_loss_diff=loss_error)
+    result["ratio_jdiff_over_torch"] = result["jdiff_s"] / result["torch_s"]
+    print(f"[step] median PyTorch {result['torch_s']:.3f} s, jdiff {result['jdiff_s']:.3f} s "
+          f"(ratio {result['ratio_jdiff_over_torch']:.2f}), compile {compile_s:.1f} s", flush=True)
+    return result
+
+
+def compiled_memory(remat: bool, batch: int = 8) -> dict:
+    """XLA's memory analysis of the SD1.5 U-Net train step (AdamW), compiled from shapes only."""
+    config = UNetConfig(sample_size=64, cross_attention_dim=768)
+    module = UNet2DConditionModel(config, gradient_checkpointing=remat)
+    x = jax.ShapeDtypeStruct((batch, 64, 64, 4), jnp.float32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    context = jax.ShapeDtypeStruct((batch, 77, 768), jnp.float32)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x.shape), jnp.zeros(t.shape),
+                                                jnp.zeros(context.shape))["params"])
+    optimizer, step = jdiff_train_step(module)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    start = time.perf_counter()
+    memory = step.lower(params, opt_state, x, t, context, x).compile().memory_analysis()
+    compile_s = time.perf_counter() - start
+    gib = lambda n: round(n / 2**30, 3)
+    param_bytes = sum(np.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
+    result = dict(
+        name=f"unet_sd15_train_step_b{batch}_64x64_{'remat' if remat else 'no_remat'}", remat=remat, batch=batch,
+        params_millions=round(param_bytes / 4e6, 1), param_gib=gib(param_bytes),
+        argument_gib=gib(memory.argument_size_in_bytes), output_gib=gib(memory.output_size_in_bytes),
+        alias_gib=gib(memory.alias_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
+        total_gib=gib(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                      + memory.temp_size_in_bytes),
+        compile_s=compile_s)
+    print(f"[memory] remat={remat}: temporaries {result['temp_gib']} GiB, total {result['total_gib']} GiB "
+          f"(arguments {result['argument_gib']} GiB), compiled in {compile_s:.0f} s", flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["step", "memory"], default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+
+    results = []
+    if args.only in (None, "step"):
+        with tempfile.TemporaryDirectory() as tmp:
+            results.append(bench_step(Path(tmp), args.repeats))
+    if args.only in (None, "memory"):
+        without, with_remat = compiled_memory(False), compiled_memory(True)
+        with_remat["temp_ratio_remat_over_no_remat"] = with_remat["temp_gib"] / without["temp_gib"]
+        results += [without, with_remat]
+    write_report(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
