@@ -70,7 +70,7 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
         loss = torch.nn.functional.mse_loss(model(x, t, context).sample, target)
         loss.backward()
         torch_opt.step()
-        return float(loss)
+        return loss.item()
 
     module, params = load_unet(folder / "unet")
     optimizer, step = jdiff_train_step(module)

@@ -57,11 +57,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small
     # object is one latent pixel and a CPU-sized VAE blurs shapes into blobs).
-    # Sized by measured step times on a 2-core CPU: about 0.27 s per VAE step, 0.4 s per U-Net step.
+    # Sized by measured step times on a 2-core CPU: about 0.15 s per VAE step, 0.4 s per U-Net step.
     config.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         mid_block_add_attention=False))
-    config.vae_train = train_section(steps=700, batch_size=32, learning_rate=1e-3, eval_every=350)
+    # Batch 16 for 1400 steps rather than 32 for 700 (same images, same time): test PSNR 32.5 vs
+    # 30.7 dB, and the detector reads the shape of 82% of reconstructed test objects vs 68%. A blurry
+    # VAE caps the shape accuracy of everything decoded through it.
+    config.vae_train = train_section(steps=1400, batch_size=16, learning_rate=1e-3, eval_every=700)
     # L2 rather than L1: objects cover a few percent of the pixels, and L1's median-seeking
     # reconstructions settle on the background first.
     config.vae_loss = ml_collections.ConfigDict(dict(reconstruction="l2", kl_weight=1e-6))
@@ -76,10 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
         only_cross_attention=True,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
-    config.diffusion_train = train_section(steps=2000, batch_size=32, learning_rate=3e-4, eval_every=1000)
+    config.diffusion_train = train_section(steps=2000, batch_size=32, learning_rate=1e-3, eval_every=1000)
+    # v-prediction with plain MSE weighs the x0 error by SNR + 1 >= 1, so the high-noise steps, where
+    # colour, shape and place are decided and only the prompt can tell them, carry full weight; with
+    # epsilon or min-SNR weighting their x0 weight is the SNR (~0.03 at t=850). Measured at 1200 steps
+    # from scratch: held-out colour 0.83 and position 0.93 with v/MSE against chance (0.23 / 0.27)
+    # with epsilon + min-SNR 5, at the same cost.
     config.diffusion = ml_collections.ConfigDict(dict(
-        prediction_type="epsilon",  # or "v_prediction"
-        min_snr_gamma=5.0,  # 0 = plain MSE
+        prediction_type="v_prediction",  # or "epsilon"
+        min_snr_gamma=0.0,  # 0 = plain MSE
         noise_offset=0.0,
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
         train_text_encoder=True,  # False: keep a pretrained text encoder frozen

@@ -31,6 +31,9 @@ def main(workdir: str, data_dir: str, out: str) -> None:
     config.data.data_dir = data_dir
     config.diffusion_train.update(steps=4, checkpoint_every=2, log_every=1, batch_size=8)
     config.vae_train.update(steps=2, checkpoint_every=2, log_every=1)
+    # One sampling program serves the grid and the evaluation: same batch, both guided.
+    config.sample.update(num_prompts=4, guidance=3.0)
+    config.evaluate.update(num_prompts=4, batch_size=4, guidances=(3.0,))
     config.diffusion_train.run_steps = 2
     first = recipe.run(config, workdir)
     assert "stopped_early" in first, first

@@ -12,7 +12,6 @@ from configs import default, tiny
 from jdiff import sharding, stages, train_lib
 from jdiff.data import load_shapes, make_loader, to_model_range
 from jdiff.errors import ConfigError
-from jdiff.models.text import CLIPTextModel
 from jdiff.models.unet import UNet2DConditionModel
 
 
