@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import losses, sharding, train_lib  # noqa: E402
+from jdiff.models import layers  # noqa: E402
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod  # noqa: E402
 from report import write_report  # noqa: E402
@@ -157,6 +158,7 @@ def parse_mesh(text: str) -> dict:
 
 
 def main():
+    layers.CPU_BLOCKED_ATTENTION = False  # compile the attention GPUs and TPUs run (batch-shardable)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meshes", nargs="+", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
     parser.add_argument("--per-device-batch", type=int, default=8)

@@ -129,6 +129,10 @@ def _attention_one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 _SMALL_SCORES = 1 << 16  # query x key positions per head below which all heads run at once
+# The blocked CPU path loops over batch x heads, which an SPMD partitioner cannot split over devices
+# (it gathers the batch instead). False: jax.nn.dot_product_attention on CPU too, as on GPU and TPU
+# (bench/scale.py compiles the program an accelerator would run).
+CPU_BLOCKED_ATTENTION = True
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -142,7 +146,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     b, t, n, h = q.shape
     # Short sequences (small latents, text): every head's scores fit in cache together, and a
     # sequential loop over batch x heads would cost far more than it saves.
-    if jax.default_backend() != "cpu" or t * k.shape[1] <= _SMALL_SCORES:
+    if jax.default_backend() != "cpu" or not CPU_BLOCKED_ATTENTION or t * k.shape[1] <= _SMALL_SCORES:
         return jax.nn.dot_product_attention(q, k, v)
     heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
     out = jax.lax.map(lambda qkv: _attention_one_head(*qkv), (heads(q), heads(k), heads(v)))
