@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from models import seconds
 from report import write_report
 from sampling import MODELS
 
@@ -90,20 +91,12 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff_losses, torch_losses))
     print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff_losses} (max rel. diff {loss_error:.1e})", flush=True)
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return times
-
     def jdiff_once():
         nonlocal params, opt_state
         params, opt_state, loss = step(params, opt_state, *inputs)
         loss.block_until_ready()
 
-    torch_times, jdiff_times = timed(torch_step), timed(jdiff_once)
+    torch_times, jdiff_times = seconds(torch_step, repeats), seconds(jdiff_once, repeats)
     result = dict(
         name=f"unet_small_train_step_b{batch}_{size}x{size}", params_millions=round(params_m, 2), batch=batch,
         latent=f"{size}x{size}x4", optimizer="AdamW lr 1e-4 wd 1e-2", torch_s=float(np.median(torch_times)),
