@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
         num_train=10_000,
         num_test=1_000,
         caption_dropout=0.1,  # drop captions this often, so the model learns classifier-free guidance
+        # The diffusion stage encodes every training image once with the frozen VAE and keeps the
+        # posteriors in memory (8 bytes per latent element per image; every process holds them all).
+        # False: encode each batch as it comes (sets too large for memory).
+        cache_latents=True,
     ))
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small

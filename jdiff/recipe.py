@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jdiff import convert, distributed, sharding, stages, train_lib
-from jdiff.data import decode_example, load_shapes, make_loader, shapes, to_model_range
+from jdiff.data import decode_example, encode_source, load_shapes, make_loader, shapes, to_model_range
 from jdiff.data.image_folder import ImageFolder
 from jdiff.data.tokenizer import write_caption_tokenizer
 from jdiff.errors import ConfigError
@@ -126,8 +126,13 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                           guidance=s.guidance, seed=0)
         return {"samples": image_io.image_grid(images, columns=4)}
 
+    cache = config.data.cache_latents
     stage = stages.diffusion_stage(config, unet=unet, text=text, vae=vae, vae_params=vae_params, tokenizer=tokenizer,
-                                   text_params=text_params, unet_params=unet_params, evaluate=evaluate)
+                                   text_params=text_params, unet_params=unet_params, evaluate=evaluate,
+                                   cached_latents=cache)
+    if cache:  # the VAE is frozen: encode once rather than at every step
+        train_source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
+                                     show_progress=distributed.is_main())
     loader = _loader(train_source, config.diffusion_train, config.seed)
     state, _ = train_lib.train(stage, config.diffusion_train, workdir / "diffusion", loader,
                             total_batch=config.diffusion_train.batch_size)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jdiff import losses
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig
-from jdiff.models.vae import AutoencoderKL, VAEConfig, scale_latents
+from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, scale_latents
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod
 from jdiff.train_lib import Stage
 
@@ -107,12 +107,25 @@ def token_ids(tokenizer, captions) -> np.ndarray:
                      truncation=True, return_tensors="np").input_ids.astype(np.int32)
 
 
+def latent_encoder(vae: AutoencoderKL, vae_params):
+    """images [B, H, W, 3] in [-1, 1] -> (posterior mean, log-variance), jitted: what `encode_source` needs
+    to encode a training set once for a diffusion stage with `cached_latents`."""
+    @jax.jit
+    def encode(images):
+        posterior = vae.apply({"params": vae_params}, images, method="encode")
+        return posterior.mean, posterior.logvar
+
+    return encode
+
+
 def diffusion_stage(config, *, unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, vae_params,
-                    tokenizer, text_params=None, unet_params=None, evaluate=None) -> Stage:
+                    tokenizer, text_params=None, unet_params=None, evaluate=None, cached_latents: bool = False) -> Stage:
     """The U-Net (and, if config.diffusion.train_text_encoder, the text encoder) learn to predict
     the noise (or v) of noised VAE latents of captioned images.
 
     text_params / unet_params: pretrained starting points (fine-tuning); None = initialise.
+    cached_latents: batches carry the VAE posterior ("latent_mean", "latent_logvar", from a
+    `LatentSource`) instead of images; the latents drawn from it are the same as on the fly.
     """
     d = config.diffusion
     train_text = d.train_text_encoder
@@ -133,7 +146,10 @@ def diffusion_stage(config, *, unet: UNet2DConditionModel, text: CLIPTextModel, 
 
     def loss_fn(params, frozen, batch, rng):
         latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
-        posterior = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+        if cached_latents:
+            posterior = DiagonalGaussian(batch["latent_mean"], batch["latent_logvar"])
+        else:
+            posterior = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
         x0 = jax.lax.stop_gradient(scale_latents(vae.config, posterior.sample(latent_rng)))
         batch_size = x0.shape[0]
         # Caption dropout: the model also learns the unconditional prediction guidance needs.
@@ -150,9 +166,10 @@ def diffusion_stage(config, *, unet: UNet2DConditionModel, text: CLIPTextModel, 
         return loss, {}
 
     def prepare_batch(batch):
-        return {"image": batch["image"], "ids": token_ids(tokenizer, batch["caption"])}
+        inputs = ("latent_mean", "latent_logvar") if cached_latents else ("image",)
+        return {**{k: batch[k] for k in inputs}, "ids": token_ids(tokenizer, batch["caption"])}
 
-    frozen = {"vae": vae_params}
+    frozen = {} if cached_latents else {"vae": vae_params}
     if not train_text:
         frozen["text_encoder"] = text_params
     meta = {"unet": unet.config.to_dict(), "text_encoder": text.config.to_dict(), "vae": vae.config.to_dict(),

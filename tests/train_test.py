@@ -79,6 +79,39 @@ def test_same_losses_on_one_and_eight_devices(tmp_path):
     np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-4)
 
 
+def diffusion_run(tmp_path, name, cached: bool):
+    """Three steps of a tiny diffusion stage on a random VAE, encoding on the fly or from a cache."""
+    import jax.numpy as jnp
+
+    from jdiff.data import encode_source
+    from jdiff.data.tokenizer import write_caption_tokenizer
+    from jdiff.models.text import CLIPTextModel
+    from jdiff.models.unet import UNet2DConditionModel
+
+    config = tiny.get_config()
+    config.diffusion_train.update(steps=3, log_every=1)
+    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    vae = stages.vae_module(config)
+    vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    tokenizer = write_caption_tokenizer(tmp_path / f"{name}_tokenizer", [source[i]["caption"].decode() for i in range(64)],
+                                        config.text.max_length)
+    text = CLIPTextModel(stages.text_config(config, tokenizer))
+    unet = UNet2DConditionModel(stages.unet_config(config, vae.config, config.text.hidden_size))
+    stage = stages.diffusion_stage(config, unet=unet, text=text, vae=vae, vae_params=vae_params, tokenizer=tokenizer,
+                                   cached_latents=cached)
+    if cached:
+        source = encode_source(stages.latent_encoder(vae, vae_params), source, batch_size=48)  # one padded batch
+        assert len(source) == 64 and source.mean.shape == (64, 16, 16, 4)
+    loader = make_loader(source, batch_size=8, seed=0)
+    return train_lib.train(stage, config.diffusion_train, tmp_path / name, loader, total_batch=8)
+
+
+def test_cached_latents_train_exactly_as_encoding_every_batch(tmp_path):
+    on_the_fly = diffusion_run(tmp_path, "on_the_fly", cached=False)
+    cached = diffusion_run(tmp_path, "cached", cached=True)
+    np.testing.assert_allclose(losses(cached), losses(on_the_fly), rtol=1e-5)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     vae_run(tmp_path, "run", steps=6)
     newest = tmp_path / "run" / "checkpoints" / "6"

@@ -44,17 +44,47 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
+class Dense(nn.Dense):
+    """nn.Dense applied to a 2-D view of its input. On [B, T, C] inputs the kernel's gradient is a dot
+    contracting two dimensions (B and T), which XLA:CPU runs about 3x slower than one 2-D matrix
+    product (measured: 18 vs 5 ms forward+backward at 32 x 256 x 32 -> 256)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.features)
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution as a matrix product over the flattened pixels (the same [1, 1, in, out]
+    kernel as nn.Conv, so checkpoints do not change); XLA:CPU's 1x1 convolution gradient is slower."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0] + bias
+        return y.reshape(*x.shape[:-1], self.features)
+
+
 def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1,
-         padding: Optional[int] = None) -> nn.Conv:
+         padding: Optional[int] = None) -> nn.Module:
     pad = (kernel - 1) // 2 if padding is None else padding
+    if kernel == 1 and stride == 1 and pad == 0:
+        return PointwiseConv(features, dtype=dtype, param_dtype=param_dtype, name=name)
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
         dtype=dtype, param_dtype=param_dtype, name=name,
     )
 
 
-def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True) -> Dense:
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
