@@ -11,6 +11,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +30,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
+# XLA:CPU's default scheduler undoes what remat saves (bench/train.py: the same peak with and without
+# it); the memory-optimised one keeps it. Only the CPU backend reads this flag.
+_CPU_REMAT_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
+    if _CONFIG.value.remat and "xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
+        # XLA reads its flags when the first backend starts, which has not happened yet.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_REMAT_SCHEDULER}".strip()
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         results = recipe.run(_CONFIG.value, _WORKDIR.value)

@@ -11,11 +11,16 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def command_line() -> str:
+    """How this benchmark was started, relative to the repository root."""
+    return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
 def write_report(out, results: list, **extra) -> None:
     import torch
 
     report = dict(
-        command=" ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        command=command_line(),
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor()),
         versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
         xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -43,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.stages = "vae,diffusion"  # run in this order; a finished stage is skipped on a rerun
     config.dtype = "float32"  # compute dtype: bfloat16 on accelerators
-    config.remat = False  # recompute activations in the backward pass (less memory, more time)
+    # Recompute activations in the backward pass (less memory, more time). On CPU, train.py then also
+    # switches XLA to its memory-optimised scheduler, without which remat saves nothing there.
+    config.remat = False
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="shapes",  # "shapes" (embedded, generated) or "folder" (images + captions)
