@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small
     # object is one latent pixel and a CPU-sized VAE blurs shapes into blobs).
-    # Sized by measured step times on a 2-core CPU: about 0.15 s per VAE step, 0.4 s per U-Net step.
+    # Sized by measured step times on a 2-core CPU: about 0.15 s per VAE step, 0.33 s per U-Net step.
     config.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         mid_block_add_attention=False))
