@@ -30,8 +30,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
-# XLA:CPU's default scheduler undoes what remat saves (bench/train.py: the same peak with and without
-# it); the memory-optimised one keeps it. Only the CPU backend reads this flag.
+# XLA:CPU keeps remat's recomputation, but its default scheduler orders it so the peak does not drop
+# (bench/train.py: the same temporaries with and without); the memory-optimised scheduler cuts them
+# to a third. Only the CPU backend reads this flag.
 _CPU_REMAT_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
