@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from jdiff.data import decode_example, shapes
+from jdiff.data import decode_example, shapes, to_model_range
 
 _PALETTE = np.asarray([shapes.COLOUR_RGB[c] for c in shapes.COLOURS], np.float32) / 255.0
 _MIN_CHROMA = 0.18  # colourfulness separating objects from the grey background
@@ -168,7 +168,7 @@ def vae_ceiling(pipe, source, count: int, batch_size: int = 50) -> dict:
     images = []
     for start in range(0, len(labels), batch_size):
         real = np.stack([source[i]["image"] for i in range(start, min(start + batch_size, len(labels)))])
-        rebuilt = reconstruct(params, np.asarray(real, np.float32) / 127.5 - 1.0)
+        rebuilt = reconstruct(params, to_model_range(real))
         images.extend(np.clip(np.asarray(rebuilt, np.float32) * 0.5 + 0.5, 0.0, 1.0))
     return score(images, labels)
 

@@ -67,8 +67,8 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
 def latent_scaling_factor(module: AutoencoderKL, params, images: np.ndarray) -> float:
     """1 / std of the posterior means: latents then have unit variance, as Stable Diffusion's
     0.18215 was chosen for its VAE."""
-    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode").mean)
-    means = np.concatenate([np.asarray(encode(params, images[i:i + 100])) for i in range(0, len(images), 100)])
+    encode = latent_encoder(module, params)
+    means = np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
     return float(1.0 / means.std())
 
 
