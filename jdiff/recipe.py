@@ -67,7 +67,7 @@ def _loader(source, section, seed):
 
 
 def train_vae(config, workdir: Path, train_source, test_source):
-    """Stage 1; returns (module with its latent scaling factor, EMA params) and exports vae/export."""
+    """Stage 1; returns (module, EMA params) ready for the diffusion stage and exports vae/export."""
     test_images, _ = _examples(test_source or train_source, 200)
     module = stages.vae_module(config)
     stage = stages.vae_stage(config, test_images, module)
@@ -77,8 +77,7 @@ def train_vae(config, workdir: Path, train_source, test_source):
         return None, None  # stopped early (run_steps): the next invocation resumes
     params = sharding.gather(state.ema_params)
     sample_images, _ = _examples(train_source, 1000)
-    scaling = stages.latent_scaling_factor(module, params, sample_images)
-    module = module.clone(config=dataclasses.replace(module.config, scaling_factor=scaling))
+    module, params = stages.diffusion_ready_vae(module, params, sample_images, config.vae.latent_std)
     if distributed.is_main():
         convert.save_vae(module, params, workdir / "vae" / "export")
     return module, params

@@ -3,6 +3,8 @@ U-Net (and a text encoder trained from scratch, or a frozen pretrained one) on t
 latents. Models are built from the run config; everything here is a pure function of its inputs.
 """
 
+import dataclasses
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 from jdiff import losses
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig
-from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, scale_latents
+from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, scale_latents, standardize_latents
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod
 from jdiff.train_lib import Stage
 
@@ -64,12 +66,30 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
                  model_meta={"vae": module.config.to_dict()})
 
 
-def latent_scaling_factor(module: AutoencoderKL, params, images: np.ndarray) -> float:
-    """1 / std of the posterior means: latents then have unit variance, as Stable Diffusion's
-    0.18215 was chosen for its VAE."""
+def latent_statistics(module: AutoencoderKL, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the posterior means of `images` ([N, H, W, 3] in [-1, 1])."""
     encode = latent_encoder(module, params)
     means = np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
-    return float(1.0 / means.std())
+    return means.mean(axis=(0, 1, 2)), means.std(axis=(0, 1, 2))
+
+
+def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, latent_std: float = 0.0):
+    """(module, params) of a trained VAE, with the latent scaling the diffusion stage trains on.
+
+    latent_std > 0: fold a per-channel standardisation into the weights (`standardize_latents`) and
+    set scaling_factor = latent_std, so every channel of the diffusion latents has mean 0 and std
+    latent_std. Below 1 this lowers the signal-to-noise ratio at every timestep by latent_std**2:
+    the "input scaling" of Chen (2023), the SNR shift SD3 applies at high resolution.
+    latent_std = 0: only scaling_factor = 1 / std of all elements (Stable Diffusion's 0.18215 rule).
+    """
+    mean, std = latent_statistics(module, params, images)
+    if latent_std > 0:
+        config, params = standardize_latents(module.config, params, mean, std)
+        config = dataclasses.replace(config, scaling_factor=float(latent_std))
+    else:
+        all_std = float(np.sqrt(np.mean(std**2 + (mean - mean.mean()) ** 2)))  # std of every element
+        config = dataclasses.replace(module.config, scaling_factor=1.0 / all_std)
+    return module.clone(config=config), params
 
 
 # --- the diffusion model ------------------------------------------------------------------------

@@ -136,6 +136,38 @@ def test_jitted_encode_sample_decode(tmp_path):
     assert not np.allclose(stream(3), stream(4))
 
 
+def test_standardized_latents_change_only_the_latent_coordinates(tmp_path):
+    make_reference(tmp_path / "ref", "sd")
+    module, params = load_vae(tmp_path / "ref")
+    x = nchw_to_nhwc(reference_inputs(CONFIGS["sd"], batch=4)[0])
+    encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method=module.encode))
+    before = encode(params, x)
+    mean, std = before.mean.mean(axis=(0, 1, 2)), before.mean.std(axis=(0, 1, 2))
+    config, standard = vae.standardize_latents(module.config, params, mean, std)
+    assert config.scaling_factor == 1.0 and config.shift_factor is None
+    after = encode(standard, x)
+    np.testing.assert_allclose(after.mean.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(after.mean.std(axis=(0, 1, 2)), 1.0, rtol=1e-5)
+    # The same posterior in new coordinates: z' = (z - mean) / std for every sample z.
+    np.testing.assert_allclose(after.mean, (before.mean - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jnp.exp(0.5 * after.logvar), jnp.exp(0.5 * before.logvar) / std, rtol=1e-4)
+    z = after.sample(jax.random.key(0))
+    decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method=module.decode))
+    np.testing.assert_allclose(decode(standard, z), decode(params, z * std + mean), rtol=1e-4, atol=1e-5)
+    # Plain weights: diffusers loads them and decodes the standardized latents the same way.
+    save_vae(module.clone(config=config), standard, tmp_path / "standard")
+    reference = TorchVAE.from_pretrained(tmp_path / "standard").eval()
+    assert reference.config.scaling_factor == 1.0
+    with torch.no_grad():
+        ours = np.asarray(decode(standard, z))
+        theirs = nchw_to_nhwc(reference.decode(torch.from_numpy(nhwc_to_nchw(np.asarray(z)).copy())).sample)
+    assert max_rel_error(ours, theirs) < 1e-4
+    with pytest.raises(ConfigError, match="positive stds"):
+        vae.standardize_latents(module.config, params, mean, -std)
+    with pytest.raises(ConfigError, match="quant_conv"):
+        vae.standardize_latents(vae.VAEConfig(use_quant_conv=False), params, mean, std)
+
+
 def test_scale_latents_follows_the_pipelines():
     config = vae.VAEConfig(shift_factor=0.5, scaling_factor=2.0)
     z = jnp.arange(4.0)

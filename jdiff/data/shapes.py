@@ -143,8 +143,11 @@ def _draw(draw: ImageDraw.ImageDraw, placed: Placed, side: int) -> None:
     if name == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=placed.rgb)
     elif name == "square":
-        s = 0.9 * r  # a full-box square looks much bigger than a circle of the same diameter
-        draw.rectangle((x - s, y - s, x + s, y + s), fill=placed.rgb)
+        # Side = diameter: the circle inscribed in the square. The 0.9-diameter square of version 1.0.0
+        # differed from a circle by a sixth to a ninth of what a triangle did (squared distance of the
+        # VAE latents; a third with side = diameter), and the diffusion model drew one rounded blob for
+        # both circles and squares.
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=placed.rgb)
     else:  # upright triangle filling the bounding box
         draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=placed.rgb)
 

@@ -55,8 +55,9 @@ def _png(image: np.ndarray) -> bytes:
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
     """Procedurally drawn shapes with English captions (see jdiff/data/shapes.py)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "Squares as wide as their diameter (were 0.9 of it), distinct from circles."}
     BUILDER_CONFIGS = [shapes_config(32), shapes_config(64)]
     # tfds infers the builder's source file through the `importlib_resources` backport, which
     # jdiff does not depend on. The path only locates download checksums, and nothing is downloaded.
