@@ -2,6 +2,7 @@
 reference side."""
 
 import os
+import tempfile
 
 # Must precede the first `import jax`: the sharding tests split batches over these devices.
 os.environ["XLA_FLAGS"] = " ".join(
@@ -14,6 +15,14 @@ from jax.sharding import Mesh  # noqa: E402
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
+
+# Many tests build the same tiny train steps again (each `train_lib.train` call jits a new closure,
+# which JAX's in-memory cache cannot match); the persistent cache matches them by their program.
+# A fresh folder per session, so nothing carries over between runs.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="jdiff-test-compile-cache-")
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for the subprocesses tests start
 
 
 @pytest.fixture

@@ -18,8 +18,16 @@ from jdiff import distributed  # noqa: E402
 if len(sys.argv) > 4:
     distributed.initialize(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
 
+import os  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):  # the second recipe.run reuses the first one's programs
+    process = sys.argv[6] if len(sys.argv) > 6 else "0"  # a folder per process: no concurrent writers
+    folder = Path(os.environ["JDIFF_TEST_COMPILE_CACHE"]) / f"worker-{Path(sys.argv[1]).name}-{process}"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 import jdiff  # noqa: E402
 from configs import tiny  # noqa: E402

@@ -90,7 +90,8 @@ def test_meshes_train_like_one_device(tmp_path):
     reference = [h["loss"] for h in one.history]
     assert reference[-1] < reference[0]  # it does learn
     param_bytes = lambda state: max(sharding.bytes_per_device(state.params).values())  # noqa: E731
-    for sizes in (dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)):
+    # Each axis alone, then all three at once (a two-axis mix adds nothing the three-axis one lacks).
+    for sizes in (dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)):
         name = "_".join(f"{k}{v}" for k, v in sizes.items())
         result = vae_train(tmp_path, name, vae_config(**sizes), num_devices=8)
         np.testing.assert_allclose([h["loss"] for h in result.history], reference, rtol=2e-3, err_msg=name)
