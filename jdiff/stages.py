@@ -66,11 +66,10 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
                  model_meta={"vae": module.config.to_dict()})
 
 
-def latent_statistics(module: AutoencoderKL, params, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the posterior means of `images` ([N, H, W, 3] in [-1, 1])."""
+def posterior_means(module: AutoencoderKL, params, images: np.ndarray) -> np.ndarray:
+    """The VAE posterior means of `images` ([N, H, W, 3] in [-1, 1]), in batches of 100."""
     encode = latent_encoder(module, params)
-    means = np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
-    return means.mean(axis=(0, 1, 2)), means.std(axis=(0, 1, 2))
+    return np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
 
 
 def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, latent_std: float = 0.0):
@@ -82,13 +81,13 @@ def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, laten
     the "input scaling" of Chen (2023), the SNR shift SD3 applies at high resolution.
     latent_std = 0: only scaling_factor = 1 / std of all elements (Stable Diffusion's 0.18215 rule).
     """
-    mean, std = latent_statistics(module, params, images)
+    means = posterior_means(module, params, images)
     if latent_std > 0:
-        config, params = standardize_latents(module.config, params, mean, std)
+        config, params = standardize_latents(module.config, params, means.mean(axis=(0, 1, 2)),
+                                             means.std(axis=(0, 1, 2)))
         config = dataclasses.replace(config, scaling_factor=float(latent_std))
     else:
-        all_std = float(np.sqrt(np.mean(std**2 + (mean - mean.mean()) ** 2)))  # std of every element
-        config = dataclasses.replace(module.config, scaling_factor=1.0 / all_std)
+        config = dataclasses.replace(module.config, scaling_factor=float(1.0 / means.std()))
     return module.clone(config=config), params
 
 

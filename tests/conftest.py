@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
+from jdiff.sample_lib import enable_compilation_cache  # noqa: E402
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 
@@ -20,8 +22,7 @@ torch.set_num_threads(2)
 # which JAX's in-memory cache cannot match); the persistent cache matches them by their program.
 # A fresh folder per session, so nothing carries over between runs.
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="jdiff-test-compile-cache-")
-jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+enable_compilation_cache(_COMPILE_CACHE)
 os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for the subprocesses tests start
 
 

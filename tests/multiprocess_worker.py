@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):  # the second recipe.run reuses the first one's programs
     process = sys.argv[6] if len(sys.argv) > 6 else "0"  # a folder per process: no concurrent writers
     folder = Path(os.environ["JDIFF_TEST_COMPILE_CACHE"]) / f"worker-{Path(sys.argv[1]).name}-{process}"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from jdiff.sample_lib import enable_compilation_cache
+
+    enable_compilation_cache(folder)
 
 import jdiff  # noqa: E402
 from configs import tiny  # noqa: E402
