@@ -11,7 +11,6 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import distributed, recipe
+from jdiff import distributed, recipe, xla_flags
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "default.py"),
@@ -30,19 +29,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
-# XLA:CPU keeps remat's recomputation, but its default scheduler orders it so the peak does not drop
-# (bench/train.py: the same temporaries with and without); the memory-optimised scheduler cuts them
-# to a third. Only the CPU backend reads this flag.
-_CPU_REMAT_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-    if _CONFIG.value.remat and "xla_cpu_scheduler_type" not in os.environ.get("XLA_FLAGS", ""):
-        # XLA reads its flags when the first backend starts, which has not happened yet.
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_REMAT_SCHEDULER}".strip()
+    # XLA reads its flags when the first backend starts, which has not happened yet.
+    xla_flags.use_cpu_flags(remat=_CONFIG.value.remat)
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         results = recipe.run(_CONFIG.value, _WORKDIR.value)

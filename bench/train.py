@@ -23,16 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
-from models import seconds
-from report import command_line, write_report
-from sampling import MODELS
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jdiff import xla_flags  # noqa: E402
+
+xla_flags.use_cpu_flags()  # what train.py runs with (oneDNN kernels); before JAX starts
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from models import seconds  # noqa: E402
+from report import command_line, write_report  # noqa: E402
+from sampling import MODELS  # noqa: E402
+
 from jdiff.convert import load_unet  # noqa: E402
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
@@ -115,7 +119,7 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
 # drop (measured on a 12.8M U-Net: 4172 MiB temporaries without remat, 4175 with); the
 # memory-optimised scheduler is what makes remat pay on CPU (3659 -> 1438 MiB). GPU and TPU
 # schedulers are memory-aware by default.
-MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+MEMORY_SCHEDULER = " ".join(xla_flags.MEMORY_SCHEDULER)
 
 
 def compiled_memory_in_child(remat: bool, scheduler_flag: str) -> dict:
