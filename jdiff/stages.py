@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import losses
+from jdiff.errors import ConfigError
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, scale_latents, standardize_latents
@@ -45,8 +46,16 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
     def init_params(rng):
         return module.init(rng, jnp.zeros((1, resolution, resolution, 3)))["params"]
 
+    crop = config.vae.get("train_crop", 0)
+    if crop and not (0 < crop <= resolution and crop % module.config.downscale == 0):
+        raise ConfigError(f"vae.train_crop={crop} must be 0 (whole images) or a multiple of the VAE's downscale "
+                          f"factor {module.config.downscale} no larger than data.resolution={resolution}.")
+
     def loss_fn(params, frozen, batch, rng):
         images = batch["image"]
+        if 0 < crop < resolution:
+            rng, window = jax.random.split(rng)
+            images = random_window(images, crop, window)
         posterior = module.apply({"params": params}, images, method="encode")
         reconstruction = module.apply({"params": params}, posterior.sample(rng), method="decode")
         loss, parts = losses.vae_loss(reconstruction, images, posterior, kl_weight=config.vae_loss.kl_weight,
@@ -64,6 +73,14 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
 
     return Stage("vae", init_params, loss_fn, lambda batch: {"image": batch["image"]}, evaluate=evaluate,
                  model_meta={"vae": module.config.to_dict()})
+
+
+def random_window(images: jax.Array, size: int, rng) -> jax.Array:
+    """One random size x size window of a [B, H, W, C] batch (the same place in every image). The VAE is
+    convolutional, so it can train on windows of larger images at the cost of the window."""
+    top = jax.random.randint(rng, (), 0, images.shape[1] - size + 1)
+    left = jax.random.randint(jax.random.fold_in(rng, 1), (), 0, images.shape[2] - size + 1)
+    return jax.lax.dynamic_slice(images, (0, top, left, 0), (images.shape[0], size, size, images.shape[3]))
 
 
 def posterior_means(module: AutoencoderKL, params, images: np.ndarray) -> np.ndarray:

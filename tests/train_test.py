@@ -272,3 +272,28 @@ def test_detector_reads_real_images():
     assert evaluate.score([e["image"] for e in big], labels[:100])["shape_accuracy"] >= 0.97
     blurred = [np.asarray(Image.fromarray(e["image"]).filter(ImageFilter.GaussianBlur(0.7))) for e in source_images]
     assert evaluate.score(blurred, labels)["shape_accuracy"] >= 0.9
+
+
+def test_vae_trains_on_random_windows(tmp_path):
+    images = jax.numpy.arange(2 * 12 * 10 * 3, dtype=jax.numpy.float32).reshape(2, 12, 10, 3)
+    seen = set()
+    for seed in range(20):
+        window = np.asarray(stages.random_window(images, 4, jax.random.key(seed)))
+        assert window.shape == (2, 4, 4, 3)
+        top, left = divmod(int(window[0, 0, 0, 0]) // 3, 10)  # the arange value names its place
+        np.testing.assert_array_equal(window, np.asarray(images)[:, top:top + 4, left:left + 4])
+        seen.add((top, left))
+    assert len(seen) > 5  # windows move
+    # A tiny VAE stage on 16x16 windows of 32x32 images trains; its evaluation sees whole images.
+    config = tiny.get_config()
+    config.vae.train_crop = 16
+    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    config.vae_train.update(steps=3, log_every=1)
+    cropped = train_lib.train(stage, config.vae_train, tmp_path / "cropped", make_loader(source, batch_size=8, seed=0),
+                              total_batch=8)
+    assert len(losses(cropped)) == 3 and all(np.isfinite(losses(cropped)))
+    for bad in (13, 48):
+        config.vae.train_crop = bad
+        with pytest.raises(ConfigError, match="train_crop"):
+            stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
