@@ -284,11 +284,20 @@ def test_vae_trains_on_random_windows(tmp_path):
         np.testing.assert_array_equal(window, np.asarray(images)[:, top:top + 4, left:left + 4])
         seen.add((top, left))
     assert len(seen) > 5  # windows move
-    # A tiny VAE stage on 16x16 windows of 32x32 images trains; its evaluation sees whole images.
+    # With vae.train_crop the VAE loss of a 32x32 batch is the loss of one 16x16 window of it.
     config = tiny.get_config()
     config.vae.train_crop = 16
     source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
-    stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+    batch = to_model_range(np.stack([source[i]["image"] for i in range(4)]))
+    stage = stages.vae_stage(config, batch[:1])
+    whole = stages.vae_stage(tiny.get_config(), batch[:1])
+    params = stage.init_params(jax.random.key(0))
+    rng = jax.random.key(3)
+    noise_rng, window_rng = jax.random.split(rng)
+    loss, _ = stage.loss_fn(params, None, {"image": batch}, rng)
+    window_loss, _ = whole.loss_fn(params, None, {"image": stages.random_window(batch, 16, window_rng)}, noise_rng)
+    np.testing.assert_allclose(float(loss), float(window_loss), rtol=1e-6)
+    # ... and such a stage trains.
     config.vae_train.update(steps=3, log_every=1)
     cropped = train_lib.train(stage, config.vae_train, tmp_path / "cropped", make_loader(source, batch_size=8, seed=0),
                               total_batch=8)
