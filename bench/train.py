@@ -119,12 +119,9 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
 # drop (measured on a 12.8M U-Net: 4172 MiB temporaries without remat, 4175 with); the
 # memory-optimised scheduler is what makes remat pay on CPU (3659 -> 1438 MiB). GPU and TPU
 # schedulers are memory-aware by default.
-MEMORY_SCHEDULER = " ".join(xla_flags.MEMORY_SCHEDULER)
-
-
-def compiled_memory_in_child(remat: bool, scheduler_flag: str) -> dict:
+def compiled_memory_in_child(remat: bool, scheduler_flags: tuple[str, ...]) -> dict:
     """`compiled_memory` in a fresh process: XLA reads its flags once, when the backend starts."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {scheduler_flag}".strip())
+    env = dict(os.environ, XLA_FLAGS=xla_flags.with_flags(os.environ.get("XLA_FLAGS", ""), scheduler_flags))
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(int(remat))], env=env, check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
@@ -179,8 +176,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             results.append(bench_step(Path(tmp), args.repeats))
     if args.only in (None, "memory"):
-        for scheduler, flag in (("default", ""), ("memory_optimized", MEMORY_SCHEDULER)):
-            without, with_remat = (compiled_memory_in_child(remat, flag) for remat in (False, True))
+        for scheduler, flags in (("default", ()), ("memory_optimized", xla_flags.MEMORY_SCHEDULER)):
+            without, with_remat = (compiled_memory_in_child(remat, flags) for remat in (False, True))
             for result in (without, with_remat):
                 result["name"] += f"_{scheduler}_scheduler"
             with_remat["temp_ratio_remat_over_no_remat"] = with_remat["temp_gib"] / without["temp_gib"]

@@ -46,7 +46,7 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
     def init_params(rng):
         return module.init(rng, jnp.zeros((1, resolution, resolution, 3)))["params"]
 
-    crop = config.vae.get("train_crop", 0)
+    crop = config.vae.train_crop
     if crop and not (0 < crop <= resolution and crop % module.config.downscale == 0):
         raise ConfigError(f"vae.train_crop={crop} must be 0 (whole images) or a multiple of the VAE's downscale "
                           f"factor {module.config.downscale} no larger than data.resolution={resolution}.")

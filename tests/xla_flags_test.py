@@ -1,6 +1,10 @@
 """jdiff's XLA:CPU flags: added as groups, never over a flag the user set."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from jdiff import xla_flags
 
@@ -47,11 +51,6 @@ print(json.dumps({{"loss": float(value), "norms": norms}}))
 def test_onednn_flags_give_the_default_kernels_results():
     """train.py runs XLA:CPU with oneDNN kernels; the tests otherwise run XLA's defaults (the persistent
     compilation cache cannot store oneDNN fusions). A U-Net gradient must agree between the two."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = _GRADIENT_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]))
     results = {}
     for name, flags in (("default", ""), ("onednn", " ".join(xla_flags.ONEDNN))):
