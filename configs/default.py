@@ -104,6 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = ml_collections.ConfigDict(dict(
         prediction_type="v_prediction",  # or "epsilon"
         min_snr_gamma=0.0,  # 0 = plain MSE
+        # Which timesteps training visits: "uniform", or "logit_normal" (t/T = sigmoid(N(logit_mean,
+        # logit_std))), which spends fewer steps where the latents are nearly pure noise.
+        timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0,
         noise_offset=0.0,
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
         train_text_encoder=True,  # False: keep a pretrained text encoder frozen

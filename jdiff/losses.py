@@ -8,6 +8,30 @@ from jdiff.errors import ConfigError
 from jdiff.schedules import prediction_target
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(rng, batch_size: int, num_train_timesteps: int, sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0):
+    """Training timesteps, int32 [batch_size].
+
+    uniform:      every timestep equally often (DDPM, Stable Diffusion).
+    logit_normal: t / T = sigmoid(N(logit_mean, logit_std)) (SD3's choice for flow matching, here on
+                  the discrete schedule): fewer steps at the two ends, where the image is almost clean
+                  or almost pure noise, more in between; a negative mean leans towards less noise.
+    """
+    check_timestep_sampling(sampling, logit_std)
+    if sampling == "uniform":
+        return jax.random.randint(rng, (batch_size,), 0, num_train_timesteps)
+    u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch_size,)))
+    return jnp.minimum((u * num_train_timesteps).astype(jnp.int32), num_train_timesteps - 1)
+
+
+def check_timestep_sampling(sampling: str, logit_std: float = 1.0) -> None:
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ConfigError(f"unknown diffusion.timestep_sampling {sampling!r}; use one of {TIMESTEP_SAMPLINGS}.")
+    if sampling == "logit_normal" and not logit_std > 0:
+        raise ConfigError(f"diffusion.logit_std must be positive, got {logit_std}.")
 
 
 def sample_noise(rng, shape, noise_offset: float = 0.0):

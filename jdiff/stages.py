@@ -164,6 +164,7 @@ def diffusion_stage(config, *, unet: UNet2DConditionModel, text: CLIPTextModel, 
     `LatentSource`) instead of images; the latents drawn from it are the same as on the fly.
     """
     d = config.diffusion
+    losses.check_timestep_sampling(d.timestep_sampling, d.logit_std)
     train_text = d.train_text_encoder
     alphas_cumprod = jnp.asarray(train_alphas_cumprod(scheduler_config(config)))
     empty_ids = jnp.asarray(token_ids(tokenizer, [""])[0])
@@ -193,7 +194,8 @@ def diffusion_stage(config, *, unet: UNet2DConditionModel, text: CLIPTextModel, 
         ids = jnp.where(dropped[:, None], empty_ids[None, :], batch["ids"])
         text_params_ = params["text_encoder"] if train_text else frozen["text_encoder"]
         context = text.apply({"params": text_params_}, ids).last_hidden_state
-        timesteps = jax.random.randint(t_rng, (batch_size,), 0, d.num_train_timesteps)
+        timesteps = losses.sample_timesteps(t_rng, batch_size, d.num_train_timesteps, d.timestep_sampling,
+                                            d.logit_mean, d.logit_std)
         noise = losses.sample_noise(noise_rng, x0.shape, d.noise_offset)
         noisy = losses.add_noise(x0, noise, timesteps, alphas_cumprod)
         output = unet.apply({"params": params["unet"]}, noisy, timesteps, context)

@@ -19,6 +19,7 @@ from jdiff import evaluate, recipe, stages, train_lib
 from jdiff.data import load_shapes, make_loader, to_model_range
 from jdiff.errors import ConfigError, TrainingError
 from jdiff.image_io import read_png_parameters
+from jdiff.losses import sample_timesteps
 from tiny_models import make_tiny_sd_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +267,7 @@ def test_detector_reads_real_images():
     labels = [(e["shape"], e["colour"], e["size"], e["position"]) for e in source_images]
     accuracy = evaluate.score([e["image"] for e in source_images], labels)
     assert accuracy["colour_accuracy"] >= 0.99 and accuracy["position_accuracy"] >= 0.99
-    assert accuracy["shape_accuracy"] >= 0.98 and accuracy["size_accuracy"] >= 0.97
+    assert accuracy["shape_accuracy"] >= 0.98 and accuracy["size_accuracy"] >= 0.99
     # At 64 px too (the thresholds were set on 32 px images), and blur does not flip shapes.
     big = [evaluate.shapes.example(i, "test", 64) for i in range(100)]
     assert evaluate.score([e["image"] for e in big], labels[:100])["shape_accuracy"] >= 0.97
@@ -306,3 +307,18 @@ def test_vae_trains_on_random_windows(tmp_path):
         config.vae.train_crop = bad
         with pytest.raises(ConfigError, match="train_crop"):
             stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
+
+
+def test_timestep_sampling():
+    rng = jax.random.key(0)
+    uniform = np.asarray(sample_timesteps(rng, 20_000, 1000))
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(np.median(uniform) - 500) < 15
+    leaning = np.asarray(sample_timesteps(rng, 20_000, 1000, "logit_normal", -0.4, 1.2))
+    assert leaning.dtype == np.int32 and 0 <= leaning.min() and leaning.max() <= 999
+    # The median timestep is sigmoid(mean) * T; the nearly-pure-noise end gets half uniform's share or less.
+    assert abs(np.median(leaning) - 1000 / (1 + np.exp(0.4))) < 15
+    assert (leaning >= 700).mean() < 0.5 * (uniform >= 700).mean()
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        sample_timesteps(rng, 4, 1000, "cosine")
+    with pytest.raises(ConfigError, match="logit_std"):
+        sample_timesteps(rng, 4, 1000, "logit_normal", 0.0, 0.0)

@@ -55,9 +55,10 @@ def _png(image: np.ndarray) -> bytes:
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
     """Procedurally drawn shapes with English captions (see jdiff/data/shapes.py)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
-                     "1.1.0": "Squares as wide as their diameter (were 0.9 of it), distinct from circles."}
+                     "1.1.0": "Squares as wide as their diameter (were 0.9 of it), distinct from circles.",
+                     "1.2.0": "Small objects 0.19-0.22 of the side (were 0.15-0.19), large 0.26-0.29 (were 0.25-0.29)."}
     BUILDER_CONFIGS = [shapes_config(32), shapes_config(64)]
     # tfds infers the builder's source file through the `importlib_resources` backport, which
     # jdiff does not depend on. The path only locates download checksums, and nothing is downloaded.
