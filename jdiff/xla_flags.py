@@ -8,17 +8,22 @@ any JAX computation. A flag the user already set in XLA_FLAGS is left as the use
 import logging
 import os
 
-# oneDNN (the kernels PyTorch's CPU convolutions use) for convolutions and dots instead of XLA's
-# default YNNPACK / Eigen ones. bench/train.py, 12.8M-parameter U-Net train step: 2.86 -> 2.43 s.
+# oneDNN (the kernels PyTorch's CPU convolutions use) for dots, and for convolutions that YNNPACK
+# leaves (NO_YNNPACK_CONVOLUTIONS). bench/train.py, 12.8M-parameter U-Net train step: 2.86 -> 2.43 s.
 # The two fusion types go together: convolutions alone abort the compile ("partition compile
 # failed") on the U-Net's gradient with this jaxlib. Not measured yet for sampling (sample.py and
 # bench/sampling.py run XLA's defaults); the default U-Net's forward pass was the same speed.
 ONEDNN = ("--xla_cpu_use_onednn=true",
           "--xla_cpu_experimental_onednn_fusion_type=individual_convolution,individual_dot")
+# Convolutions not through YNNPACK (XLA:CPU's default library for them on x86): then oneDNN takes
+# them where ONEDNN is set, Eigen otherwise. The default run's U-Net step (batch 32, 16x16x4,
+# forward and backward): 283 -> 240 ms with ONEDNN, 230 ms without; bench/train.py step: 1.70 -> 1.61 s.
+NO_YNNPACK_CONVOLUTIONS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 # XLA:CPU keeps remat's recomputation, but its default scheduler orders it so the peak does not drop
 # (bench/train.py: the same temporaries with and without); with the memory-optimised scheduler remat
 # cuts them to 0.57x on SD1.5's U-Net step.
 MEMORY_SCHEDULER = ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",)
+TRAINING = (ONEDNN, NO_YNNPACK_CONVOLUTIONS)  # the groups train.py always adds
 
 
 def _name(flag: str) -> str:
@@ -34,9 +39,10 @@ def with_flags(current: str, *groups) -> str:
 
 
 def use_cpu_flags(*, remat: bool = False) -> None:
-    """Adds jdiff's XLA:CPU flags (oneDNN; the memory-optimised scheduler when `remat`) to XLA_FLAGS."""
+    """Adds jdiff's XLA:CPU flags (oneDNN, convolutions off YNNPACK; the memory-optimised scheduler
+    when `remat`) to XLA_FLAGS."""
     current = os.environ.get("XLA_FLAGS", "")
-    wanted = with_flags(current, ONEDNN, *([MEMORY_SCHEDULER] if remat else []))
+    wanted = with_flags(current, *TRAINING, *([MEMORY_SCHEDULER] if remat else []))
     if wanted != current and _backend_started():
         logging.warning("XLA_FLAGS set after JAX started its backend; they apply to child processes only: %s", wanted)
     os.environ["XLA_FLAGS"] = wanted

@@ -23,7 +23,7 @@ def test_use_cpu_flags_sets_the_environment(monkeypatch):
     xla_flags.use_cpu_flags(remat=True)
     flags = os.environ["XLA_FLAGS"].split()
     assert flags[0] == "--xla_force_host_platform_device_count=8"
-    assert set(xla_flags.ONEDNN + xla_flags.MEMORY_SCHEDULER) <= set(flags)
+    assert set(xla_flags.ONEDNN + xla_flags.NO_YNNPACK_CONVOLUTIONS + xla_flags.MEMORY_SCHEDULER) <= set(flags)
 
 
 _GRADIENT_SCRIPT = """
@@ -48,16 +48,18 @@ print(json.dumps({{"loss": float(value), "norms": norms}}))
 """
 
 
-def test_onednn_flags_give_the_default_kernels_results():
-    """train.py runs XLA:CPU with oneDNN kernels; the tests otherwise run XLA's defaults (the persistent
-    compilation cache cannot store oneDNN fusions). A U-Net gradient must agree between the two."""
+def test_training_flags_give_the_default_kernels_results():
+    """train.py runs XLA:CPU with oneDNN kernels and convolutions off YNNPACK; the tests otherwise run
+    XLA's defaults (the persistent compilation cache cannot store oneDNN fusions). A U-Net gradient
+    must agree between the two."""
     script = _GRADIENT_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]))
     results = {}
-    for name, flags in (("default", ""), ("onednn", " ".join(xla_flags.ONEDNN))):
+    train_flags = xla_flags.with_flags("", *xla_flags.TRAINING)
+    for name, flags in (("default", ""), ("training", train_flags)):
         env = dict(os.environ, XLA_FLAGS=flags)
         out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    default, onednn = results["default"], results["onednn"]
+    default, onednn = results["default"], results["training"]
     assert abs(default["loss"] - onednn["loss"]) <= 1e-5 * abs(default["loss"])
     assert len(default["norms"]) == len(onednn["norms"]) > 20
     for a, b in zip(default["norms"], onednn["norms"]):
