@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small
     # object is one latent pixel and a CPU-sized VAE blurs shapes into blobs).
-    # Sized by measured step times on a 2-core CPU: about 0.15 s per VAE step, 0.33 s per U-Net step.
+    # Sized by measured step times on a 2-core CPU: about 0.1 s per VAE step, 0.3 s per U-Net step.
     config.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
         mid_block_add_attention=False,
@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
     # 3000 steps: held-out shape accuracy was still climbing (0.56 at 2000 steps, 0.65 at 2600, same
     # data and VAE); 3000 is what the ~20-minute CPU budget of the default run allows since
-    # convolutions left YNNPACK (0.27 s per step, was 0.33).
+    # convolutions left YNNPACK (0.30 s per step, was 0.34; default run 18.5 min).
     config.diffusion_train = train_section(steps=3000, batch_size=32, learning_rate=1e-3, eval_every=1000)
     # v-prediction with plain MSE weighs the x0 error by SNR + 1 >= 1, so the high-noise steps, where
     # colour, shape and place are decided and only the prompt can tell them, carry full weight; with
