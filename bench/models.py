@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from report import write_report
+from report import seconds, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff.convert import load_unet, load_vae  # noqa: E402
@@ -28,15 +28,6 @@ SD15_VAE = dict(
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
 )
-
-
-def seconds(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def compare(name, torch_fn, jax_fn, jax_args, repeats, extra):

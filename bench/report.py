@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -30,3 +31,12 @@ def write_report(out, results: list, **extra) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def seconds(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times

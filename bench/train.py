@@ -4,7 +4,9 @@ and the compiled memory of an SD1.5-shaped U-Net train step with and without rem
 1. The 12.8M-parameter U-Net (blocks 64/128/256) on 32x32x4 latents, batch 8: one optimizer step
    (forward, backward, AdamW update) of epsilon-prediction MSE. Both sides start from the same
    weights (written by diffusers, loaded by jdiff) and see the same batch; their losses over the
-   first steps are compared before anything is timed.
+   first steps are compared before anything is timed. jdiff is timed in a child process that never
+   imports PyTorch: in one process, some runs had every jdiff step 1.5x slower (the two libraries'
+   thread pools on two cores), while a torch-free process never did.
 2. SD1.5's U-Net (860M parameters, 64x64x4 latents, 77x768 context), batch 8: the train step is
    compiled, never run, and XLA's memory analysis reports what one device would need, with and
    without remat, under XLA:CPU's default and memory-optimised schedulers (each in its own process).
@@ -32,10 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import torch  # noqa: E402
-from models import seconds  # noqa: E402
-from report import command_line, write_report  # noqa: E402
-from sampling import MODELS  # noqa: E402
+from report import command_line, seconds, write_report  # noqa: E402
 
 from jdiff.convert import load_unet  # noqa: E402
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
@@ -60,7 +59,9 @@ def jdiff_train_step(module):
 
 
 def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
+    import torch
     from diffusers import UNet2DConditionModel as TorchUNet
+    from sampling import MODELS
 
     spec = MODELS["small"]["unet"]
     torch.manual_seed(0)
@@ -71,6 +72,8 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
     x, target = torch.randn(batch, 4, size, size), torch.randn(batch, 4, size, size)
     t = torch.randint(0, 1000, (batch,))
     context = torch.randn(batch, 77, width)
+    nhwc = lambda a: a.numpy().transpose(0, 2, 3, 1)
+    np.savez(folder / "inputs.npz", x=nhwc(x), t=t.numpy(), context=context.numpy(), target=nhwc(target))
     torch_opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
     def torch_step():
@@ -80,39 +83,47 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
         torch_opt.step()
         return loss.item()
 
+    print("[step] checking that both sides train alike (3 steps), then timing...", flush=True)
+    torch_losses = [torch_step() for _ in range(3)]
+    torch_times = seconds(torch_step, repeats)
+    out = subprocess.run([sys.executable, __file__, "--step-child", str(folder), "--repeats", str(repeats)],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    jdiff = json.loads(out.strip().splitlines()[-1])
+    loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff["losses"], torch_losses))
+    print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff['losses']} (max rel. diff {loss_error:.1e})", flush=True)
+    result = dict(
+        name=f"unet_small_train_step_b{batch}_{size}x{size}", params_millions=round(params_m, 2), batch=batch,
+        latent=f"{size}x{size}x4", optimizer="AdamW lr 1e-4 wd 1e-2", torch_s=float(np.median(torch_times)),
+        jdiff_s=float(np.median(jdiff["times"])), jdiff_compile_s=jdiff["compile_s"], torch_runs=torch_times,
+        jdiff_runs=jdiff["times"], jdiff_process="child, without torch", losses_torch=torch_losses,
+        losses_jdiff=jdiff["losses"], max_rel_loss_diff=loss_error)
+    result["ratio_jdiff_over_torch"] = result["jdiff_s"] / result["torch_s"]
+    print(f"[step] median PyTorch {result['torch_s']:.3f} s, jdiff {result['jdiff_s']:.3f} s "
+          f"(ratio {result['ratio_jdiff_over_torch']:.2f}), compile {jdiff['compile_s']:.1f} s", flush=True)
+    return result
+
+
+def jdiff_step_times(folder: Path, repeats: int) -> dict:
+    """The jdiff side of `bench_step` (run in a child process): 3 steps' losses, then timed steps."""
     module, params = load_unet(folder / "unet")
     optimizer, step = jdiff_train_step(module)
     opt_state = optimizer.init(params)
-    nhwc = lambda a: jnp.asarray(a.numpy().transpose(0, 2, 3, 1))
-    inputs = (nhwc(x), jnp.asarray(t.numpy()), jnp.asarray(context.numpy()), nhwc(target))
-
-    print("[step] checking that both sides train alike (3 steps)...", flush=True)
-    torch_losses = [torch_step() for _ in range(3)]
+    data = np.load(folder / "inputs.npz")
+    inputs = tuple(jnp.asarray(data[k]) for k in ("x", "t", "context", "target"))
     start = time.perf_counter()
     step = step.lower(params, opt_state, *inputs).compile()
     compile_s = time.perf_counter() - start
-    jdiff_losses = []
+    losses = []
     for _ in range(3):
         params, opt_state, loss = step(params, opt_state, *inputs)
-        jdiff_losses.append(float(loss))
-    loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff_losses, torch_losses))
-    print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff_losses} (max rel. diff {loss_error:.1e})", flush=True)
+        losses.append(float(loss))
 
-    def jdiff_once():
+    def once():
         nonlocal params, opt_state
         params, opt_state, loss = step(params, opt_state, *inputs)
         loss.block_until_ready()
 
-    torch_times, jdiff_times = seconds(torch_step, repeats), seconds(jdiff_once, repeats)
-    result = dict(
-        name=f"unet_small_train_step_b{batch}_{size}x{size}", params_millions=round(params_m, 2), batch=batch,
-        latent=f"{size}x{size}x4", optimizer="AdamW lr 1e-4 wd 1e-2", torch_s=float(np.median(torch_times)),
-        jdiff_s=float(np.median(jdiff_times)), jdiff_compile_s=compile_s, torch_runs=torch_times, jdiff_runs=jdiff_times,
-        losses_torch=torch_losses, losses_jdiff=jdiff_losses, max_rel_loss_diff=loss_error)
-    result["ratio_jdiff_over_torch"] = result["jdiff_s"] / result["torch_s"]
-    print(f"[step] median PyTorch {result['torch_s']:.3f} s, jdiff {result['jdiff_s']:.3f} s "
-          f"(ratio {result['ratio_jdiff_over_torch']:.2f}), compile {compile_s:.1f} s", flush=True)
-    return result
+    return dict(losses=losses, times=seconds(once, repeats), compile_s=compile_s)
 
 
 # XLA:CPU's default scheduler orders the recomputed forward pass so that its peak memory does not
@@ -165,10 +176,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     parser.add_argument("--memory-child", type=int, choices=[0, 1], help=argparse.SUPPRESS)
+    parser.add_argument("--step-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
         print(json.dumps(compiled_memory(bool(args.memory_child))))
         return
+    if args.step_child is not None:
+        print(json.dumps(jdiff_step_times(Path(args.step_child), args.repeats)))
+        return
+    import torch
     torch.set_num_threads(os.cpu_count())
 
     results = []
