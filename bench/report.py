@@ -34,6 +34,8 @@ def write_report(out, results: list, **extra) -> None:
 
 
 def seconds(fn, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of fn (here, not in bench/models.py, so a timing child
+    process need not import PyTorch)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
