@@ -58,6 +58,13 @@ def jdiff_train_step(module):
     return optimizer, step
 
 
+def json_from_child(*args: str, env: dict | None = None) -> dict:
+    """Runs this script with `args` in a fresh process and returns the JSON of its last output line."""
+    out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -86,9 +93,7 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
     print("[step] checking that both sides train alike (3 steps), then timing...", flush=True)
     torch_losses = [torch_step() for _ in range(3)]
     torch_times = seconds(torch_step, repeats)
-    out = subprocess.run([sys.executable, __file__, "--step-child", str(folder), "--repeats", str(repeats)],
-                         check=True, stdout=subprocess.PIPE, text=True).stdout
-    jdiff = json.loads(out.strip().splitlines()[-1])
+    jdiff = json_from_child("--step-child", str(folder), "--repeats", str(repeats))
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff["losses"], torch_losses))
     print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff['losses']} (max rel. diff {loss_error:.1e})", flush=True)
     result = dict(
@@ -133,9 +138,7 @@ def jdiff_step_times(folder: Path, repeats: int) -> dict:
 def compiled_memory_in_child(remat: bool, scheduler_flags: tuple[str, ...]) -> dict:
     """`compiled_memory` in a fresh process: XLA reads its flags once, when the backend starts."""
     env = dict(os.environ, XLA_FLAGS=xla_flags.with_flags(os.environ.get("XLA_FLAGS", ""), scheduler_flags))
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(int(remat))], env=env, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json_from_child("--memory-child", str(int(remat)), env=env)
     result["xla_flags"] = env["XLA_FLAGS"]
     return result
 
