@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import distributed, recipe, xla_flags
+from jdiff import distributed, huge_pages, recipe, xla_flags
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "default.py"),
@@ -49,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()  # glibc reads its tunables only at process start
     app.run(main)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jdiff import xla_flags  # noqa: E402
+from jdiff import huge_pages, xla_flags  # noqa: E402
 
 xla_flags.use_cpu_flags()  # what train.py runs with (oneDNN kernels); before JAX starts
 
@@ -93,14 +93,19 @@ def bench_step(folder: Path, repeats: int, batch: int = 8) -> dict:
     print("[step] checking that both sides train alike (3 steps), then timing...", flush=True)
     torch_losses = [torch_step() for _ in range(3)]
     torch_times = seconds(torch_step, repeats)
-    jdiff = json_from_child("--step-child", str(folder), "--repeats", str(repeats))
+    # The child runs under the glibc tunables train.py restarts itself with; PyTorch under this
+    # process's (results record both).
+    child_env = huge_pages.environment(dict(os.environ))
+    jdiff = json_from_child("--step-child", str(folder), "--repeats", str(repeats), env=child_env)
     loss_error = max(abs(a - b) / abs(b) for a, b in zip(jdiff["losses"], torch_losses))
     print(f"[step] losses PyTorch {torch_losses}, jdiff {jdiff['losses']} (max rel. diff {loss_error:.1e})", flush=True)
     result = dict(
         name=f"unet_small_train_step_b{batch}_{size}x{size}", params_millions=round(params_m, 2), batch=batch,
         latent=f"{size}x{size}x4", optimizer="AdamW lr 1e-4 wd 1e-2", torch_s=float(np.median(torch_times)),
         jdiff_s=float(np.median(jdiff["times"])), jdiff_compile_s=jdiff["compile_s"], torch_runs=torch_times,
-        jdiff_runs=jdiff["times"], jdiff_process="child, without torch", losses_torch=torch_losses,
+        jdiff_runs=jdiff["times"], jdiff_process="child, without torch",
+        torch_glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+        jdiff_glibc_tunables=(child_env or os.environ).get("GLIBC_TUNABLES", ""), losses_torch=torch_losses,
         losses_jdiff=jdiff["losses"], max_rel_loss_diff=loss_error)
     result["ratio_jdiff_over_torch"] = result["jdiff_s"] / result["torch_s"]
     print(f"[step] median PyTorch {result['torch_s']:.3f} s, jdiff {result['jdiff_s']:.3f} s "
