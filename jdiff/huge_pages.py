@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
+# Set in the restarted process: never restart twice, even where glibc would hide GLIBC_TUNABLES.
+RESTARTED = "JDIFF_HUGE_PAGES_RESTARTED"
 _THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -54,7 +56,7 @@ def restart_with_huge_pages() -> None:
     """Replaces this process with the same command under the huge-page tunable, when that changes
     something; returns otherwise. Call it first thing in a script's main guard, before any output."""
     env = environment(dict(os.environ))
-    if env is not None:
+    if env is not None and RESTARTED not in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, RESTARTED: "1"})

@@ -56,7 +56,7 @@ def test_restart_keeps_the_command_line_and_adds_the_tunable_once(tmp_path):
         huge_pages.restart_with_huge_pages()
         print("args", sys.argv[1:], "tunables", repr(os.environ.get("GLIBC_TUNABLES", "")))
     """))
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.RESTARTED)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-u", str(script), "--flag=a b", "x"], env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -64,3 +64,13 @@ def test_restart_keeps_the_command_line_and_adds_the_tunable_once(tmp_path):
     expected = repr(ADDED if restarts else "")
     assert out.splitlines()[-1] == f"args ['--flag=a b', 'x'] tunables {expected}"
     assert out.count("before") == (2 if restarts else 1)  # the restarted process ran the script again
+
+
+def test_a_restarted_process_never_restarts_again(tmp_path):
+    script = tmp_path / "again.py"
+    script.write_text("import os\nfrom jdiff import huge_pages\nhuge_pages.restart_with_huge_pages()\n"
+                      "print('ran', repr(os.environ.get('GLIBC_TUNABLES', '')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), **{huge_pages.RESTARTED: "1"})
+    out = subprocess.run([sys.executable, str(script)], env=env, check=True, capture_output=True, text=True).stdout
+    assert out == "ran ''\n"  # as if glibc had hidden the tunable: no exec, the script just runs
