@@ -20,8 +20,7 @@ from report import write_report
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import load_pipeline  # noqa: E402
 from jdiff.data import load_shapes, shapes  # noqa: E402
-from jdiff.evaluate import detect, first_objects, match  # noqa: E402
-from jdiff.pipeline import generate  # noqa: E402
+from jdiff.evaluate import detect, first_objects, generate_batched, match  # noqa: E402
 
 
 def adherence(images, labels) -> dict:
@@ -61,12 +60,8 @@ def main():
     captions, labels = first_objects(source, args.num_prompts)
     results = []
     for guidance in args.guidances:
-        images = []
-        for start in range(0, len(captions), args.batch_size):
-            chunk = captions[start:start + args.batch_size]
-            padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))  # one compiled batch shape
-            images.extend(generate(pipe, padded, sampler=sample["sampler"], steps=sample["steps"],
-                                   guidance=guidance, seed=args.seed + start)[:len(chunk)])
+        images = generate_batched(pipe, captions, guidance=guidance, sampler=sample["sampler"], steps=sample["steps"],
+                                  batch_size=args.batch_size, seed=args.seed)
         result = dict(name=f"guidance_{guidance:g}", guidance=guidance, num_prompts=len(captions), seed=args.seed,
                       sampler=sample["sampler"], steps=sample["steps"], **adherence(images, labels))
         print(json.dumps(result), flush=True)

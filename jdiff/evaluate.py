@@ -185,18 +185,27 @@ def evaluate_pipeline(pipe, source, *, num_prompts: int, guidances: Sequence[flo
                       batch_size: int = 50) -> dict:
     """Generates an image for each of the first `num_prompts` captions of `source` (held-out
     combinations on the test split) at each guidance scale and scores them."""
-    from jdiff.pipeline import generate
-
     captions, labels = first_objects(source, num_prompts)
     results = {"num_prompts": len(captions), "sampler": sampler, "steps": steps,
                "detector_on_real_images": detector_accuracy(source, num_prompts),
                "detector_on_vae_reconstructions": vae_ceiling(pipe, source, num_prompts, batch_size)}
     for guidance in guidances:
-        images = []
-        for start in range(0, len(captions), batch_size):
-            chunk = captions[start:start + batch_size]
-            chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled batch shape
-            images.extend(generate(pipe, chunk, sampler=sampler, steps=steps, guidance=guidance, seed=start)
-                          [:len(captions) - start])
+        images = generate_batched(pipe, captions, guidance=guidance, sampler=sampler, steps=steps,
+                                  batch_size=batch_size)
         results[f"guidance_{guidance:g}"] = score(images, labels)
     return results
+
+
+def generate_batched(pipe, captions: Sequence[str], *, guidance: float, sampler: str, steps: int,
+                     batch_size: int, seed: int = 0) -> list[np.ndarray]:
+    """One image per caption, in fixed-size batches (the last padded: one compiled batch shape);
+    caption i's image is drawn from seed `seed + i`."""
+    from jdiff.pipeline import generate
+
+    images = []
+    for start in range(0, len(captions), batch_size):
+        chunk = list(captions[start:start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        images.extend(generate(pipe, padded, sampler=sampler, steps=steps, guidance=guidance, seed=seed + start)
+                      [:len(chunk)])
+    return images

@@ -55,8 +55,8 @@ def environment(environ: dict, *, mode: str | None = None, glibc: tuple[int, ...
 def restart_with_huge_pages() -> None:
     """Replaces this process with the same command under the huge-page tunable, when that changes
     something; returns otherwise. Call it first thing in a script's main guard, before any output."""
-    env = environment(dict(os.environ))
-    if env is not None and RESTARTED not in os.environ:
+    env = None if RESTARTED in os.environ else environment(dict(os.environ))
+    if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, RESTARTED: "1"})
