@@ -83,15 +83,14 @@ def loop_overhead(pipe, x, context, steps: int, repeats: int) -> dict:
     dispatched guided U-Net calls: what the fori_loop, the schedule lookups and the update cost."""
     from jdiff import guidance, samplers
 
-    config = samplers.sampler_config("ddim", pipe.scheduler, pipe.scheduler_fields)
-    plan = jax.tree.map(jnp.asarray, samplers.make_plan("ddim", config, steps))
+    plan = jax.tree.map(jnp.asarray, samplers.make_plan("ddim", pipe.scheduler, steps, explicit=pipe.scheduler_fields))
 
     def denoise_fn(params, x, t):
         unet = lambda x, t, c: pipe.unet.apply({"params": params}, x, t, c)
         half = context[: x.shape[0]]
         return guidance.classifier_free_guidance(unet, half, half * 0.5, 7.5)(x, t)
 
-    loop = jax.jit(lambda p, x, plan: samplers.sample("ddim", lambda x, t: denoise_fn(p, x, t), x, plan, None, config))
+    loop = jax.jit(lambda p, x, plan: samplers.sample(lambda x, t: denoise_fn(p, x, t), x, plan))
     call = jax.jit(denoise_fn)
     params = pipe.params["unet"]
     loop(params, x, plan).block_until_ready()

@@ -173,8 +173,6 @@ class _Static:
     """Everything that shapes the compiled program (hashable: a jit cache key)."""
 
     pipe_modules: tuple  # (unet, vae, text_encoder) Flax modules
-    sampler: str
-    scheduler: SchedulerConfig
     latent_shape: tuple  # [B, h, w, C]
     mode: str  # "text" | "image" | "inpaint"
     use_cfg: bool
@@ -213,13 +211,12 @@ def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, ima
     def unet_fn(x, t, ctx):
         return unet.apply({"params": params["unet"]}, x, t, ctx, timestep_cond)
 
-    name = static.sampler
     known, extra = None, None
-    x = samplers.initial_latents(name, noise, plan)
+    x = samplers.initial_latents(noise, plan)
     if static.mode != "text":
         image = image * 2 - 1
         image_latents = _encode_image(vae, params["vae"], image)
-        noised = samplers.noised_latents(name, image_latents, noise, plan)
+        noised = samplers.noised_latents(image_latents, noise, plan)
         x = noised if static.mode == "image" else jnp.where(plan.start == 0, x, noised)
     if static.mode == "inpaint":
         f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -237,7 +234,7 @@ def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, ima
     else:
         denoise = guidance_lib.unguided(unet_fn, context, extra)
 
-    latents = samplers.sample(name, denoise, x, plan, step_keys, static.scheduler, known=known)
+    latents = samplers.sample(denoise, x, plan, step_keys, known=known)
     images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, latents), method="decode")
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -331,10 +328,10 @@ def generate(
         if latents.shape != latent_shape:
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
-    config = samplers.sampler_config(sampler, pipe.scheduler, pipe.scheduler_fields)
-    plan = samplers.make_plan(sampler, config, steps, strength=strength if mode != "text" else 1.0, eta=eta)
+    plan = samplers.make_plan(sampler, pipe.scheduler, steps, strength=strength if mode != "text" else 1.0, eta=eta,
+                              explicit=pipe.scheduler_fields)
     use_cfg = guidance > 1 and not pipe.unet.config.time_cond_proj_dim
-    static = _Static((pipe.unet, pipe.vae, pipe.text_encoder), sampler, config, latent_shape, mode, use_cfg,
+    static = _Static((pipe.unet, pipe.vae, pipe.text_encoder), latent_shape, mode, use_cfg,
                      clip_skip, latents is not None)
 
     # Pad the batch to a multiple of the batch axes (data x fsdp), shard it, drop the padding after.

@@ -61,7 +61,7 @@ def run_diffusers(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0, m
         extra = {"use_karras_sigmas": False}
     scheduler = getattr(diffusers, cls_name).from_config({**raw_config, **extra})
     scheduler.set_timesteps(steps)
-    start = samplers._img2img_start(steps, strength)
+    start = samplers.img2img_start(steps, strength)
     timesteps = scheduler.timesteps[start:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
@@ -86,8 +86,8 @@ def run_diffusers(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0, m
 
 
 def run_jdiff(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0):
-    config = samplers.sampler_config(name, SchedulerConfig.from_dict(raw_config), frozenset(raw_config))
-    plan = samplers.make_plan(name, config, steps, strength=strength, eta=eta)
+    plan = samplers.make_plan(name, SchedulerConfig.from_dict(raw_config), steps, strength=strength, eta=eta,
+                              explicit=frozenset(raw_config))
     inputs = []
 
     def model_fn(x_in, t):
@@ -98,8 +98,8 @@ def run_jdiff(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0):
     def run(noise, plan, keys):
         # image-to-image starts from given latents (here the noise itself), text-to-image from
         # noise at the sampler's initial scale
-        x = noise if strength < 1 else samplers.initial_latents(name, noise, plan)
-        return samplers.sample(name, model_fn, x, plan, keys, config)
+        x = noise if strength < 1 else samplers.initial_latents(noise, plan)
+        return samplers.sample(model_fn, x, plan, keys)
 
     out = np.asarray(run(jnp.asarray(noise), plan, keys))
     jax.effects_barrier()
@@ -171,16 +171,16 @@ def test_image_to_image_starts_part_way_as_diffusers_does(name):
 
 
 def test_step_count_and_strength_are_values_not_shapes():
-    config = samplers.sampler_config("dpm++2m", SchedulerConfig.from_dict(SD), frozenset(SD))
-    plans = [samplers.make_plan("dpm++2m", config, n, strength=s) for n, s in [(5, 1.0), (30, 1.0), (20, 0.3)]]
-    shapes = {tuple(jax.tree.map(np.shape, p)) for p in plans}
+    plans = [samplers.make_plan("dpm++2m", SchedulerConfig.from_dict(SD), n, strength=s, explicit=frozenset(SD))
+             for n, s in [(5, 1.0), (30, 1.0), (20, 0.3)]]
+    shapes = {(jax.tree.structure(p), tuple(np.shape(a) for a in jax.tree.leaves(p))) for p in plans}
     assert len(shapes) == 1
     traces = []
 
     @jax.jit
     def run(x, plan):
         traces.append(1)
-        return samplers.sample("dpm++2m", model_jax, x, plan, None, config)
+        return samplers.sample(model_jax, x, plan)
 
     outs = [run(jnp.ones(SHAPE), p) for p in plans]
     assert len(traces) == 1

@@ -1,0 +1,97 @@
+"""Samplers as pure functions: the reverse diffusion as one `lax.fori_loop`, ready to sit in a jit.
+
+    plan = make_plan("dpm++2m", scheduler_config, steps, explicit=fields)   # host, numpy
+    x = initial_latents(noise, plan)                                        # or noised_latents(x0, noise, plan)
+    latents = sample(model_fn, x, plan, keys)                               # traced
+
+- `model_fn(x_in, t) -> output`: the denoiser (U-Net plus guidance), given the model input and a
+  scalar timestep, returning an output of the scheduler's prediction type (velocity for flows);
+- the plan knows its sampler and the scheduler settings as that sampler's diffusers class reads
+  them; its arrays have a fixed length and the step count and first step are traced scalars;
+- `keys`: per-image PRNG keys `[B]` for the stochastic samplers (each image's noise depends only
+  on its own key, so results do not change with batch composition or device count).
+
+Plans are computed on the host in numpy exactly as diffusers' schedulers compute theirs, and each
+update is written in the reference's operation order, so trajectories agree to float32 rounding.
+One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (DPM-Solver++),
+`flow` (rectified flow).
+"""
+
+from jdiff.errors import ConfigError
+from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_noise
+from jdiff.samplers.dpm import DPM_2M, DPM_2M_KARRAS
+from jdiff.samplers.flow import FLOW_EULER
+from jdiff.samplers.karras import EULER, EULER_ANCESTRAL
+from jdiff.samplers.vp import DDIM, DDPM, LCM
+from jdiff.schedules import SchedulerConfig
+
+REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, LCM, FLOW_EULER)}
+SAMPLERS = tuple(REGISTRY)
+
+
+def get(name: str) -> Sampler:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown sampler {name!r}; valid samplers are: {', '.join(SAMPLERS)}.")
+    return REGISTRY[name]
+
+
+def check_sampler(name: str) -> None:
+    get(name)
+
+
+def sampler_config(name: str, config: SchedulerConfig, explicit: frozenset = frozenset()) -> SchedulerConfig:
+    """`config` (a checkpoint's scheduler settings, `explicit` the fields it set) as the diffusers
+    scheduler class behind sampler `name` would read it."""
+    sampler = get(name)
+    config = config.for_sampler(sampler.class_defaults, explicit)
+    return config.for_sampler(sampler.forced, frozenset())
+
+
+def make_plan(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0, eta: float = 0.0,
+              explicit: frozenset | None = None) -> Plan:
+    """The schedule of sampler `name` for `num_steps` steps, as numpy arrays of a fixed length.
+
+    `config`: the checkpoint's scheduler settings; with `explicit` (the fields its file sets) they
+    are first read as the sampler's diffusers class would (`sampler_config`), otherwise taken as
+    already read. `strength` < 1 starts part-way (image-to-image).
+    """
+    sampler = get(name)
+    config = config.for_sampler(sampler.class_defaults, explicit) if explicit is not None else config
+    return build_plan(sampler, config.for_sampler(sampler.forced, frozenset()), num_steps, strength, eta)
+
+
+
+def initial_latents(noise, plan: Plan):
+    """Starting latents of text-to-image: pure noise at the sampler's initial scale."""
+    return noise * plan.init_noise_sigma
+
+
+def noised_latents(x0, noise, plan: Plan, level=None):
+    """`x0` noised to the level of step `level` (default: the plan's first step), as diffusers'
+    `scheduler.add_noise` does for image-to-image."""
+    return get(plan.sampler).add_noise(x0, noise, plan, plan.start if level is None else level)
+
+
+def sample(model_fn, x, plan: Plan, keys=None, known=None):
+    """Runs the plan's sampler from `x` over its steps `start..num_steps-1`; returns the latents.
+
+    known: optional `(x0, mask, noise)` for inpainting with an ordinary model: after every step the
+    region where mask == 0 is replaced by `x0` noised to the new level (diffusers' blending).
+    """
+    return run(get(plan.sampler), model_fn, x, plan, keys, known)
+
+
+def for_scheduler(class_name: str, config: SchedulerConfig) -> str:
+    """The sampler that runs what a checkpoint's `scheduler_config.json` names (`_class_name`), as
+    diffusers' `pipe(prompt)` would with that scheduler."""
+    if class_name == "DPMSolverMultistepScheduler" and config.use_karras_sigmas:
+        return "dpm++2m_karras"
+    for sampler in REGISTRY.values():
+        if sampler.scheduler_class == class_name and not sampler.forced:
+            return sampler.name
+    for sampler in REGISTRY.values():
+        if sampler.scheduler_class == class_name:
+            return sampler.name
+    classes = sorted({s.scheduler_class for s in REGISTRY.values()})
+    raise ConfigError(f"the checkpoint's scheduler {class_name!r} is not one jdiff can run; pass sampler= one of "
+                      f"{', '.join(SAMPLERS)} (the schedulers jdiff reproduces: {', '.join(classes)}).")

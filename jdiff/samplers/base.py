@@ -1,0 +1,125 @@
+"""What every sampler shares: the `Sampler` record (its plan and its update rule), the `Plan` that
+knows which sampler made it, and the one `fori_loop` that runs any of them.
+
+A plan is a pytree whose arrays have a fixed length (num_train_timesteps + 1) whatever the step
+count, with the step count and the first step (image-to-image) as traced scalars; the sampler's
+name and its scheduler settings ride along as static fields. So `sample(model_fn, x, plan, keys)`
+needs nothing else, a new step count or strength is a new value for the compiled loop, and a new
+sampler is a new program.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jdiff.errors import ConfigError
+from jdiff.schedules import SchedulerConfig
+
+
+@struct.dataclass
+class Plan:
+    """A sampling schedule made by `make_plan`."""
+
+    arrays: dict  # what the update rule reads, each [L, ...] float32 (entries from num_steps on are padding)
+    num_steps: Any  # int32 scalar
+    start: Any  # int32 scalar: the first step run (image-to-image skips the noisiest ones)
+    init_noise_sigma: Any  # float32 scalar: scale of pure-noise starting latents
+    eta: Any  # float32 scalar: DDIM's stochasticity (0 = deterministic)
+    sampler: str = struct.field(pytree_node=False)  # the name of the Sampler whose rule runs it
+    config: SchedulerConfig = struct.field(pytree_node=False)  # settings as that sampler's class reads them
+
+    def __getattr__(self, name):  # plan.sigmas etc.: the rule's arrays read like fields
+        arrays = self.__dict__.get("arrays")
+        if arrays is not None and name in arrays:
+            return arrays[name]
+        raise AttributeError(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One sampler: how its plan is made on the host and how one step runs (traced).
+
+    levels(config, n) -> (arrays, init_noise_sigma): the rule's per-step arrays for n steps, numpy.
+    step(model_fn, x, i, plan, state, keys) -> (x, state): step i; `state` carries what multistep
+      rules remember between steps (a pytree made by `init_state(x)`).
+    add_noise(x0, noise, plan, i): x0 noised to the level of step i (image-to-image, inpainting).
+    """
+
+    name: str
+    scheduler_class: str  # the diffusers scheduler whose trajectory this reproduces
+    levels: Callable
+    step: Callable
+    add_noise: Callable
+    class_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # that class's own defaults
+    forced: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # settings the name implies
+    init_state: Callable = jnp.zeros_like
+    stochastic: bool = False  # draws noise at every step (needs per-image keys)
+    description: str = ""
+
+
+def img2img_start(num_steps: int, strength: float) -> int:
+    """diffusers' `get_timesteps`: strength s runs the last int(N * s) of the N steps."""
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength must be in (0, 1], got {strength}.")
+    start = num_steps - min(int(num_steps * strength), num_steps)
+    if start >= num_steps:
+        raise ConfigError(f"strength {strength} with {num_steps} steps leaves no step to run; "
+                          f"raise the strength or the step count.")
+    return start
+
+
+def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, strength: float = 1.0,
+               eta: float = 0.0) -> Plan:
+    """The plan of `sampler` for `num_steps` steps; `config` as the sampler's class reads it."""
+    if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= config.num_train_timesteps:
+        raise ConfigError(f"steps must be an integer in 1..{config.num_train_timesteps}, got {num_steps!r}.")
+    start = img2img_start(num_steps, strength)
+    arrays, init = sampler.levels(config, int(num_steps))
+    length = config.num_train_timesteps + 1
+
+    def pad(v):
+        v = np.asarray(v, np.float32)
+        return np.pad(v, [(0, length - len(v))] + [(0, 0)] * (v.ndim - 1), mode="edge")
+
+    return Plan({k: pad(v) for k, v in arrays.items()}, np.int32(num_steps), np.int32(start), np.float32(init),
+                np.float32(eta), sampler.name, config)
+
+
+def step_noise(keys, i, like):
+    """Per-image standard normal noise for step i, from each image's own key."""
+    if keys is None:
+        raise ValueError("this sampler draws noise at every step: pass per-image PRNG keys.")
+    draw = lambda key: jax.random.normal(jax.random.fold_in(key, i), like.shape[1:], like.dtype)
+    return jax.vmap(draw)(keys)
+
+
+def run(sampler: Sampler, model_fn, x, plan: Plan, keys, known=None):
+    """The loop of `sample`, with the sampler already looked up."""
+    x = x.astype(jnp.float32)
+
+    def body(i, carry):
+        x, state = carry
+        x, state = sampler.step(model_fn, x, i, plan, state, keys)
+        if known is not None:
+            x0, mask, noise = known
+            level = i + 1
+            reference = jnp.where(level < plan.num_steps, sampler.add_noise(x0, noise, plan, level), x0)
+            x = (1 - mask) * reference + mask * x
+        return x, state
+
+    x, _ = jax.lax.fori_loop(plan.start, plan.num_steps, body, (x, sampler.init_state(x)))
+    return x
+
+
+def clip_x0(x0, config: SchedulerConfig):
+    return jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range) if config.clip_sample else x0
+
+
+def vp(sigma):
+    """alpha_t, sigma_t of the variance-preserving sample whose k-diffusion noise level is sigma."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
