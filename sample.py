@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 import jdiff
-from jdiff import distributed, image_io, prompts, sample_lib
+from jdiff import distributed, image_io
+from jdiff.app import batch_generation, prompts
 from jdiff.errors import CheckpointError, ConfigError
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         if args.batch_size is None:
             args.batch_size = max(4, jax.device_count())
         if args.compile_cache:
-            sample_lib.enable_compilation_cache(args.compile_cache)
+            batch_generation.enable_compilation_cache(args.compile_cache)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
         inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask)) if v}
-        stats = sample_lib.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs)
+        stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

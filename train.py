@@ -18,7 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jdiff import distributed, huge_pages, recipe, xla_flags
+from jdiff import distributed
+from jdiff.app import huge_pages, recipe, xla_flags
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "default.py"),

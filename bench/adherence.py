@@ -3,7 +3,7 @@ evaluation.json (200 captions, seeds 0..199): is a run's figure the model or the
 
 For each guidance scale: colour and shape accuracy over the first N test captions (held-out
 combinations), shape accuracy of small and large objects, and the shape confusion matrix (rows:
-the prompt's shape, columns: what `jdiff.evaluate.detect` reads), with image i drawn from seed
+the prompt's shape, columns: what `jdiff.app.shapes_eval.detect` reads), with image i drawn from seed
 `--seed + i`.
 
     python bench/adherence.py /work/runs/final --num-prompts 1000 --seed 100000
@@ -19,8 +19,9 @@ from report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import load_pipeline  # noqa: E402
-from jdiff.data import load_shapes, shapes  # noqa: E402
-from jdiff.evaluate import detect, first_objects, generate_batched, match  # noqa: E402
+from jdiff.app import shapes  # noqa: E402
+from jdiff.app.shapes_tfds import load_shapes  # noqa: E402
+from jdiff.app.shapes_eval import detect, first_objects, generate_batched, match  # noqa: E402
 
 
 def adherence(images, labels) -> dict:

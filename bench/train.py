@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jdiff import huge_pages, xla_flags  # noqa: E402
+from jdiff.app import huge_pages, xla_flags  # noqa: E402
 
 xla_flags.use_cpu_flags()  # what train.py runs with (oneDNN kernels); before JAX starts
 

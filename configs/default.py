@@ -2,9 +2,11 @@
 
     python train.py                                   # this config, workdir ./workdir/shapes
     python train.py --config.diffusion_train.steps=500 --config.data.resolution=64
+    python train.py --config.pretrained=path/to/sd15 --config.stages=diffusion   # fine-tune its own objective
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def train_section(**overrides) -> ml_collections.ConfigDict:
@@ -95,24 +97,36 @@ def get_config() -> ml_collections.ConfigDict:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
     # 4000 steps: held-out shape accuracy (guidance 4) was 0.735 at 2600 steps, 0.76 at 3000, 0.785 at
     # 3500 and 0.935 at 4000 (dataset 1.2.0, same VAE). 4000 is what the ~20-minute CPU budget of the
-    # default run allows since train.py runs under huge pages (jdiff/huge_pages.py; ~0.25 s per step,
+    # default run allows since train.py runs under huge pages (jdiff/app/huge_pages.py; ~0.25 s per step,
     # was 0.30).
     config.diffusion_train = train_section(steps=4000, batch_size=32, learning_rate=1e-3, eval_every=1000)
     # v-prediction with plain MSE weighs the x0 error by SNR + 1 >= 1, so the high-noise steps, where
     # colour, shape and place are decided and only the prompt can tell them, carry full weight; with
     # epsilon or min-SNR weighting their x0 weight is the SNR (~0.03 at t=850). Measured at 1200 steps
     # from scratch: held-out colour 0.83 and position 0.93 with v/MSE against chance (0.23 / 0.27)
-    # with epsilon + min-SNR 5, at the same cost.
-    config.diffusion = ml_collections.ConfigDict(dict(
+    # with epsilon + min-SNR 5, at the same cost. config.scheduler is the scheduler of a model built
+    # from this config (like config.unet, unused with config.pretrained, whose checkpoint brings its
+    # own): what it is trained with and what its export ships.
+    config.scheduler = ml_collections.ConfigDict(dict(
         prediction_type="v_prediction",  # or "epsilon"
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
+    config.diffusion = ml_collections.ConfigDict(dict(
         min_snr_gamma=0.0,  # 0 = plain MSE
         # Which timesteps training visits: "uniform", or "logit_normal" (t/T = sigmoid(N(logit_mean,
         # logit_std))), which spends fewer steps where the latents are nearly pure noise.
         timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0,
         noise_offset=0.0,
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
         train_text_encoder=True,  # False: keep a pretrained text encoder frozen
+        # The schedule is the model's own (config.scheduler, or a pretrained checkpoint's scheduler);
+        # a field set here overrides it and the export records it. Unset = the model's own.
+        schedule=ml_collections.ConfigDict({
+            "prediction_type": placeholder(str), "beta_schedule": placeholder(str),
+            "beta_start": placeholder(float), "beta_end": placeholder(float),
+            "num_train_timesteps": placeholder(int), "timestep_spacing": placeholder(str),
+            "rescale_betas_zero_snr": placeholder(bool)}),
+        change_prediction_type=False,  # True: allow schedule.prediction_type to differ from the model's
     ))
+    config.family = "stable-diffusion"  # the model family built from config.vae/.text/.unet (jdiff.families)
     config.pretrained = ""  # a diffusers folder to fine-tune (its VAE, tokenizer, text encoder, U-Net)
 
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.

@@ -10,12 +10,15 @@ from jdiff.convert import (
     save_vae,
 )
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
-from jdiff.pipeline import Pipeline, generate, load_pipeline
+from jdiff.families import FAMILIES, build, load_pipeline, save_pipeline
+from jdiff.families.base import Family, Pipeline
+from jdiff.pipeline import generate
 from jdiff.samplers import SAMPLERS
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Pipeline", "SAMPLERS", "TrainingError", "generate", "load_pipeline",
+    "CheckpointError", "ConfigError", "FAMILIES", "Family", "Pipeline", "SAMPLERS", "TrainingError", "build",
+    "generate", "load_pipeline", "save_pipeline",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "save_text_encoder", "save_unet", "save_vae",
 ]

@@ -23,19 +23,23 @@ def rescale_guidance(guided, conditional, rescale):
     return jax.lax.cond(jnp.asarray(rescale) > 0, apply, lambda guided: guided, guided)
 
 
-def classifier_free_guidance(model_fn, context, negative_context, scale, rescale=0.0, extra_inputs=None):
-    """Returns denoise(x, t) = uncond + scale * (cond - uncond), from one batched call of
-    `model_fn(x, t, context)`.
+def _doubled(tree):
+    return jax.tree.map(lambda a: jnp.concatenate([a, a]), tree)
 
-    negative_context: embedding of the negative prompts (the empty prompt for plain guidance).
-    extra_inputs: optional channels appended to x for both halves (inpainting U-Nets).
+
+def classifier_free_guidance(model_fn, cond, negative_cond, scale, rescale=0.0, extra_inputs=None):
+    """Returns denoise(x, t) = uncond + scale * (cond - uncond), from one batched call of
+    `model_fn(x, t, cond, extra_inputs)`.
+
+    cond, negative_cond: the conditioning of the prompts and of the negative prompts (the empty
+      prompt for plain guidance), pytrees of batch-major arrays (context, pooled embeddings, ...).
+    extra_inputs: optional channels the model takes beside x, for both halves (inpainting models).
     """
+    both_cond = jax.tree.map(lambda n, c: jnp.concatenate([n, c]), negative_cond, cond)
+    both_extra = None if extra_inputs is None else _doubled(extra_inputs)
 
     def denoise(x, t):
-        x = jnp.concatenate([x, x])
-        if extra_inputs is not None:
-            x = jnp.concatenate([x, jnp.concatenate([extra_inputs, extra_inputs])], axis=-1)
-        both = model_fn(x, t, jnp.concatenate([negative_context, context]))
+        both = model_fn(jnp.concatenate([x, x]), t, both_cond, both_extra)
         unconditional, conditional = jnp.split(both, 2)
         guided = unconditional + scale * (conditional - unconditional)
         return rescale_guidance(guided, conditional, rescale)
@@ -43,13 +47,11 @@ def classifier_free_guidance(model_fn, context, negative_context, scale, rescale
     return denoise
 
 
-def unguided(model_fn, context, extra_inputs=None):
-    """denoise(x, t) = model_fn(x, t, context): the same interface without guidance."""
+def unguided(model_fn, cond, extra_inputs=None):
+    """denoise(x, t) = model_fn(x, t, cond, extra_inputs): the same interface without guidance."""
 
     def denoise(x, t):
-        if extra_inputs is not None:
-            x = jnp.concatenate([x, extra_inputs], axis=-1)
-        return model_fn(x, t, context)
+        return model_fn(x, t, cond, extra_inputs)
 
     return denoise
 

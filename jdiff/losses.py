@@ -1,11 +1,13 @@
 """Training losses: the diffusion objective (epsilon / v / x0 targets, min-SNR weighting, noise
 offset) and the VAE objective (L1 or L2 reconstruction plus a KL term). Pure functions of arrays."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jdiff.errors import ConfigError
-from jdiff.schedules import prediction_target
+from jdiff.schedules import SchedulerConfig, prediction_target, train_alphas_cumprod
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
@@ -73,6 +75,36 @@ def diffusion_loss(model_output, x0, noise, timesteps, alphas_cumprod, *, predic
     if min_snr_gamma:
         per_example = per_example * min_snr_weights(timesteps, alphas_cumprod, min_snr_gamma, prediction_type)
     return jnp.mean(per_example), per_example
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a denoiser learns: its schedule and prediction type (the checkpoint's scheduler when
+    fine-tuning, see `schedules.training_scheduler`) and how timesteps and noise are drawn."""
+
+    schedule: SchedulerConfig
+    min_snr_gamma: float = 0.0  # 0 = plain MSE
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    noise_offset: float = 0.0
+
+    def __post_init__(self):
+        check_timestep_sampling(self.timestep_sampling, self.logit_std)
+
+
+def denoising_loss(objective: Objective, model_fn, x0, timestep_rng, noise_rng):
+    """The loss of `model_fn(noisy, timesteps) -> output` on clean latents x0 [B, ...]: noise drawn,
+    x0 noised at drawn timesteps, output compared with the objective's target, as diffusers'
+    training scripts do (`add_noise`, `get_velocity`). Returns (loss, per-example losses)."""
+    schedule = objective.schedule
+    alphas_cumprod = jnp.asarray(train_alphas_cumprod(schedule))
+    timesteps = sample_timesteps(timestep_rng, x0.shape[0], schedule.num_train_timesteps,
+                                 objective.timestep_sampling, objective.logit_mean, objective.logit_std)
+    noise = sample_noise(noise_rng, x0.shape, objective.noise_offset)
+    output = model_fn(add_noise(x0, noise, timesteps, alphas_cumprod), timesteps)
+    return diffusion_loss(output, x0, noise, timesteps, alphas_cumprod, prediction_type=schedule.prediction_type,
+                          min_snr_gamma=objective.min_snr_gamma)
 
 
 def reconstruction_loss(reconstruction, target, kind: str = "l1"):

@@ -1,4 +1,4 @@
-"""Text-to-image, image-to-image and inpainting: `load_pipeline()` and `generate()`.
+"""Text-to-image, image-to-image and inpainting for every model family: `generate()`.
 
 Text encoding, the whole sampling loop and the VAE decode run as one jitted function. Prompts,
 negative prompts, seeds, guidance scale, strength, step count and the init image are traced
@@ -10,10 +10,6 @@ default); each image's noise comes from its own seed, so results do not depend o
 
 import dataclasses
 import functools
-import json
-import shutil
-import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -21,103 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import convert, guidance as guidance_lib, samplers, sharding
-from jdiff.errors import CheckpointError, ConfigError
+from jdiff import guidance as guidance_lib, samplers, sharding
+from jdiff.errors import ConfigError
+from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models.vae import scale_latents, unscale_latents
-from jdiff.schedules import SchedulerConfig, read_scheduler_config
-
-_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Pipeline:
-    """The models of a latent diffusion checkpoint and their parameters."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: SchedulerConfig
-    scheduler_fields: frozenset  # fields the checkpoint's scheduler config sets explicitly
-    params: dict  # {"unet": ..., "vae": ..., "text_encoder": ...}
-    source: str = ""
-    _placed: dict = dataclasses.field(default_factory=dict, repr=False)  # params per mesh
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_size(self) -> int:
-        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
-
-
-def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
-    """A diffusers-format Stable Diffusion folder (`model_index.json`, `unet/`, `vae/`,
-    `text_encoder/`, `tokenizer/`, `scheduler/`), or a train.py workdir (its `pipeline/` export). `dtype` is the compute dtype (bfloat16 on
-    accelerators); parameters are stored in `param_dtype`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
-    if (folder / "pipeline" / "model_index.json").is_file():  # a train.py workdir: its exported model
-        folder = folder / "pipeline"
-    missing = [c for c in _COMPONENTS if not (folder / c).is_dir()]
-    if missing:
-        raise CheckpointError(
-            f"{str(folder)!r} is not a diffusion checkpoint: it lacks {', '.join(m + '/' for m in missing)} "
-            f"(expected a diffusers pipeline folder with {', '.join(_COMPONENTS)}).")
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    unet, unet_params = convert.load_unet(folder / "unet", **kw)
-    vae, vae_params = convert.load_vae(folder / "vae", **kw)
-    text_encoder, text_params = convert.load_text_encoder(folder / "text_encoder", **kw)
-    tokenizer = convert.load_tokenizer(folder / "tokenizer", text_encoder.config.max_position_embeddings)
-    scheduler, fields = read_scheduler_config(folder / "scheduler")
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_params}
-    return Pipeline(unet, vae, text_encoder, tokenizer, scheduler, fields, params, str(folder))
-
-
-def save_pipeline(pipe: Pipeline, folder) -> None:
-    """Writes `pipe` as a diffusers StableDiffusionPipeline folder (which `load_pipeline`, sample.py
-    and diffusers' `from_pretrained` read). Written beside the target and swapped in when complete,
-    so an interruption never leaves a half-written model under the final name."""
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    convert.save_unet(pipe.unet, pipe.params["unet"], partial / "unet")
-    convert.save_vae(pipe.vae, pipe.params["vae"], partial / "vae")
-    convert.save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], partial / "text_encoder")
-    pipe.tokenizer.save_pretrained(str(partial / "tokenizer"))
-    (partial / "scheduler").mkdir()
-    scheduler = {"_class_name": "DDIMScheduler", **dataclasses.asdict(pipe.scheduler)}
-    (partial / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
-    previous = folder.with_name(folder.name + ".previous")
-    if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-    partial.rename(folder)
-    shutil.rmtree(previous, ignore_errors=True)
-
 
 # --- host-side input preparation ----------------------------------------------------------------
-
-
-def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
-    """Token ids [B, max_length], truncated with a warning as diffusers does."""
-    max_length = tokenizer.model_max_length
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="np").input_ids
-    full = tokenizer(list(prompts), padding="longest", truncation=False).input_ids
-    for prompt, tokens in zip(prompts, full):
-        if len(tokens) > max_length:
-            removed = tokenizer.decode(tokens[max_length - 1:-1])
-            warnings.warn(f"prompt {prompt[:40]!r}... is longer than the text encoder's {max_length} tokens; "
-                          f"this part was cut off: {removed!r}", stacklevel=3)
-    return ids.astype(np.int32)
 
 
 def _as_list(value, n: int, name: str) -> list:
@@ -170,21 +75,16 @@ def _seeds(seed, batch: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """Everything that shapes the compiled program (hashable: a jit cache key)."""
+    """Everything that shapes the compiled program (hashable: a jit cache key). The sampler and its
+    settings are part of the plan's tree structure."""
 
-    pipe_modules: tuple  # (unet, vae, text_encoder) Flax modules
+    family: Any
+    modules: tuple  # ((component name, Flax module), ...)
     latent_shape: tuple  # [B, h, w, C]
     mode: str  # "text" | "image" | "inpaint"
     use_cfg: bool
     clip_skip: int
     given_noise: bool
-
-
-def _encode_text(text_encoder, params, ids, clip_skip: int):
-    from jdiff.models.text import clip_skip_hidden_state
-
-    output = text_encoder.apply({"params": params}, ids, output_hidden_states=clip_skip > 0)
-    return clip_skip_hidden_state(params, output, clip_skip, text_encoder.config)
 
 
 def _encode_image(vae, params, images):
@@ -194,22 +94,16 @@ def _encode_image(vae, params, images):
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, image, mask, *, static: _Static):
-    unet, vae, text_encoder = static.pipe_modules
-    context = _encode_text(text_encoder, params["text_encoder"], ids, static.clip_skip)
+def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescale, image, mask, *, static: _Static):
+    family, modules = static.family, dict(static.modules)
+    vae = modules["vae"]
+    cond = family.encode_prompts(modules, params, tokens, static.clip_skip)
     keys = jax.vmap(jax.random.key)(seeds)
     noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
     if not static.given_noise:
         noise = jax.vmap(lambda k: jax.random.normal(k, static.latent_shape[1:], jnp.float32))(noise_keys)
-
-    timestep_cond = None
-    if unet.config.time_cond_proj_dim:  # LCM-distilled U-Nets take the guidance scale as an input
-        timestep_cond = guidance_lib.guidance_scale_embedding(
-            jnp.full((ids.shape[0],), scale - 1), unet.config.time_cond_proj_dim)
-
-    def unet_fn(x, t, ctx):
-        return unet.apply({"params": params["unet"]}, x, t, ctx, timestep_cond)
+    model_fn = family.denoiser(modules, params, scale)
 
     known, extra = None, None
     x = samplers.initial_latents(noise, plan)
@@ -219,20 +113,20 @@ def _generate(params, ids, negative_ids, seeds, noise, plan, scale, rescale, ima
         noised = samplers.noised_latents(image_latents, noise, plan)
         x = noised if static.mode == "image" else jnp.where(plan.start == 0, x, noised)
     if static.mode == "inpaint":
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        f = vae.config.downscale
         keep = (mask >= 0.5).astype(jnp.float32)  # 1 = repaint, binarised as diffusers does
         latent_mask = keep[:, ::f, ::f]
-        if unet.config.in_channels == 4 + 1 + static.latent_shape[-1]:  # an inpainting U-Net
+        if family.inpainting_channels(modules):  # the model sees the mask and the masked image
             masked = _encode_image(vae, params["vae"], image * (1 - keep))  # masked region -> 0 (grey)
             extra = jnp.concatenate([latent_mask, masked], axis=-1)
-        else:  # an ordinary U-Net: keep the known region on the noisy trajectory every step
+        else:  # an ordinary model: keep the known region on the noisy trajectory every step
             known = (image_latents, latent_mask, noise)
 
     if static.use_cfg:
-        negative = _encode_text(text_encoder, params["text_encoder"], negative_ids, static.clip_skip)
-        denoise = guidance_lib.classifier_free_guidance(unet_fn, context, negative, scale, rescale, extra)
+        negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip)
+        denoise = guidance_lib.classifier_free_guidance(model_fn, cond, negative, scale, rescale, extra)
     else:
-        denoise = guidance_lib.unguided(unet_fn, context, extra)
+        denoise = guidance_lib.unguided(model_fn, cond, extra)
 
     latents = samplers.sample(denoise, x, plan, step_keys, known=known)
     images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, latents), method="decode")
@@ -266,8 +160,8 @@ def generate(
     prompts: Union[str, Sequence[str]],
     *,
     negative_prompts: Union[None, str, Sequence[str]] = None,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: Optional[str] = None,
+    steps: Optional[int] = None,
     guidance: float = 7.5,
     seed: Union[int, Sequence[int]] = 0,
     height: Optional[int] = None,
@@ -291,12 +185,16 @@ def generate(
     mask: [B, H, W] (or [H, W]) with init_image: inpaint where mask >= 0.5. Inpainting U-Nets (9
       input channels) see the mask and masked image; ordinary ones keep the unmasked region's
       latents on the noisy trajectory every step.
+    sampler, steps: by default the checkpoint's own scheduler (scheduler_config.json's
+      `_class_name`) and the step count diffusers' pipeline of this checkpoint runs.
     seed: an int s gives image b the seed s + b; or one seed per image.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ConfigError("no prompts given.")
+    sampler = sampler or samplers.for_scheduler(pipe.scheduler.class_name, pipe.scheduler.config)
     samplers.check_sampler(sampler)
+    steps = pipe.default_steps if steps is None else steps
     batch = len(prompts)
     negatives = _as_list(negative_prompts, batch, "negative_prompts")
     f = pipe.vae_scale_factor
@@ -321,32 +219,33 @@ def generate(
     height, width = height or pipe.default_size, width or pipe.default_size
     if height % f or width % f or height <= 0 or width <= 0:
         raise ConfigError(f"height and width must be positive multiples of {f}, got {height}x{width}.")
-    channels = pipe.vae.config.latent_channels
+    channels = pipe.latent_channels
     latent_shape = (batch, height // f, width // f, channels)
     if latents is not None:
         latents = np.asarray(latents, np.float32)
         if latents.shape != latent_shape:
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
-    plan = samplers.make_plan(sampler, pipe.scheduler, steps, strength=strength if mode != "text" else 1.0, eta=eta,
-                              explicit=pipe.scheduler_fields)
-    use_cfg = guidance > 1 and not pipe.unet.config.time_cond_proj_dim
-    static = _Static((pipe.unet, pipe.vae, pipe.text_encoder), latent_shape, mode, use_cfg,
-                     clip_skip, latents is not None)
+    plan = samplers.make_plan(sampler, pipe.scheduler.config, steps, strength=strength if mode != "text" else 1.0,
+                              eta=eta, explicit=pipe.scheduler.explicit)
+    family = pipe.family
+    use_cfg = guidance > 1 and not family.embeds_guidance(pipe.modules)
 
     # Pad the batch to a multiple of the batch axes (data x fsdp), shard it, drop the padding after.
     mesh = mesh or default_mesh()
     size = sharding.batch_shards(mesh)
     padded = -(-batch // size) * size
-    pad = lambda a: None if a is None else np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
-    batch_inputs = [tokenize(pipe.tokenizer, prompts), tokenize(pipe.tokenizer, negatives), _seeds(seed, batch),
-                    latents, image, mask_array]
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
+    batch_inputs = (family.tokenize(pipe, prompts), family.tokenize(pipe, negatives), _seeds(seed, batch),
+                    latents, image, mask_array)
     sharded = sharding.batch_sharding(mesh)
-    batch_inputs = [None if a is None else sharding.put(pad(a), sharded) for a in batch_inputs]
+    tokens, negative_tokens, seeds, noise, image, mask_array = jax.tree.map(
+        lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
-    scalars = jax.tree.map(lambda a: sharding.put(a, replicated), (plan, np.float32(guidance), np.float32(guidance_rescale)))
-    static = dataclasses.replace(static, latent_shape=(padded,) + latent_shape[1:])
-    ids, negative_ids, seeds, noise, image, mask_array = batch_inputs
-    images = _generate(_placed_params(pipe, mesh), ids, negative_ids, seeds, noise, scalars[0], scalars[1],
-                       scalars[2], image, mask_array, static=static)
+    plan, scale, rescale = jax.tree.map(lambda a: sharding.put(a, replicated),
+                                        (plan, np.float32(guidance), np.float32(guidance_rescale)))
+    static = _Static(family, tuple(sorted(pipe.modules.items())), (padded,) + latent_shape[1:], mode, use_cfg,
+                     clip_skip, latents is not None)
+    images = _generate(_placed_params(pipe, mesh), tokens, negative_tokens, seeds, noise, plan, scale, rescale,
+                       image, mask_array, static=static)
     return _to_host(images)[:batch]

@@ -219,9 +219,49 @@ _UNSUPPORTED = {
 }
 
 
-def read_scheduler_config(path) -> tuple[SchedulerConfig, frozenset]:
-    """A checkpoint's `scheduler/scheduler_config.json` (a file or its folder), and the set of
-    fields it sets explicitly (so per-sampler defaults fill only the others)."""
+@dataclasses.dataclass(frozen=True)
+class Scheduler:
+    """A checkpoint's scheduler: its settings, the diffusers class its file names (which sampler
+    `generate` runs by default), and the fields the file sets explicitly (so a sampler's class
+    defaults fill only the others, as `SomeScheduler.from_config` would)."""
+
+    config: SchedulerConfig = SchedulerConfig()
+    class_name: str = "DDIMScheduler"
+    explicit: frozenset = frozenset()
+
+    def to_json_dict(self) -> dict:
+        return {"_class_name": self.class_name, **self.config.to_dict()}
+
+
+# The fields a training run may set on a pretrained model's scheduler.
+TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                   "timestep_spacing", "rescale_betas_zero_snr")
+
+
+def training_scheduler(base: Scheduler, overrides: Mapping[str, Any], change_prediction_type: bool = False,
+                       source: str = "config.diffusion.schedule") -> Scheduler:
+    """The scheduler a run trains with: `base` (the checkpoint's, or the one a model built from a
+    config ships) with the fields `overrides` sets (None = keep the base's). The result records
+    what was trained, so an export's scheduler_config.json says it. Training a model for another
+    prediction type than it was trained for is a new objective, allowed only when asked for."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - set(TRAINING_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: {unknown} cannot be set for training; the fields are {TRAINING_FIELDS}.")
+    new_type = overrides.get("prediction_type", base.config.prediction_type)
+    if new_type != base.config.prediction_type and not change_prediction_type:
+        raise ConfigError(
+            f"{source}.prediction_type={new_type!r}, but the model predicts {base.config.prediction_type!r}: "
+            f"training it for another target changes what it outputs (a new objective, as SD 2's 768-v was). "
+            f"Leave the field unset to train the checkpoint's own objective, or set "
+            f"config.diffusion.change_prediction_type=True to retarget it.")
+    config = dataclasses.replace(base.config, **overrides)
+    config.validate(source)
+    return Scheduler(config, base.class_name, base.explicit | frozenset(overrides))
+
+
+def read_scheduler_config(path) -> Scheduler:
+    """A checkpoint's `scheduler/scheduler_config.json` (a file or its folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / "scheduler_config.json"
@@ -231,7 +271,16 @@ def read_scheduler_config(path) -> tuple[SchedulerConfig, frozenset]:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
-    return SchedulerConfig.from_dict(raw, str(path)), frozenset(raw)
+    class_name = raw.get("_class_name", "DDIMScheduler")
+    explicit = frozenset(k for k in raw if not k.startswith("_"))
+    return Scheduler(SchedulerConfig.from_dict(raw, str(path)), class_name, explicit)
+
+
+def write_scheduler_config(scheduler: Scheduler, folder) -> None:
+    """`folder/scheduler_config.json` as diffusers writes it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(scheduler.to_json_dict(), indent=2))
 
 
 def train_alphas_cumprod(config: SchedulerConfig) -> np.ndarray:

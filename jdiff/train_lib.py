@@ -1,7 +1,7 @@
 """The training loop shared by every stage: train state with EMA, a pure jitted train step over a
 device mesh, checkpoints, NaN guard, TensorBoard and console logging.
 
-A stage (see `jdiff/stages.py`) supplies what differs: how to initialise its trainable parameters,
+A stage (see `jdiff/app/stages.py`) supplies what differs: how to initialise its trainable parameters,
 its loss, its frozen parameters, how a host batch becomes model inputs, and its evaluation.
 """
 
@@ -108,8 +108,8 @@ def make_mesh(config) -> Mesh:
 
 
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
-    """Each process's batch becomes its slice of one global array split over the data axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """Each process's batch (a pytree of arrays) becomes its slice of global arrays split over the data axis."""
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
 
 
 class _Logger:

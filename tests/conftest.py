@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from jdiff.sample_lib import enable_compilation_cache  # noqa: E402
+from jdiff.app.batch_generation import enable_compilation_cache  # noqa: E402
 
 torch.manual_seed(0)
 torch.set_num_threads(2)

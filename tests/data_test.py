@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jdiff.data import ImageFolder, load_shapes, make_loader, shapes, steps_per_epoch
+from jdiff.app import shapes
+from jdiff.app.shapes_tfds import load_shapes
+from jdiff.data import ImageFolder, make_loader, steps_per_epoch
 from jdiff.errors import ConfigError
-from jdiff.data.tokenizer import caption_words, write_caption_tokenizer
+from jdiff.app.caption_tokenizer import caption_words, write_caption_tokenizer
 
 CLAUSE = re.compile(r"a (small|large) (\w+) (\w+) at the ([a-z ]+)")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jdiff import huge_pages
+from jdiff.app import huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = "glibc.malloc.hugetlb=1"
@@ -51,7 +51,7 @@ def test_restart_keeps_the_command_line_and_adds_the_tunable_once(tmp_path):
     script = tmp_path / "show.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from jdiff import huge_pages
+        from jdiff.app import huge_pages
         print("before", flush=True)  # flushed output survives the restart
         huge_pages.restart_with_huge_pages()
         print("args", sys.argv[1:], "tunables", repr(os.environ.get("GLIBC_TUNABLES", "")))
@@ -68,7 +68,7 @@ def test_restart_keeps_the_command_line_and_adds_the_tunable_once(tmp_path):
 
 def test_a_restarted_process_never_restarts_again(tmp_path):
     script = tmp_path / "again.py"
-    script.write_text("import os\nfrom jdiff import huge_pages\nhuge_pages.restart_with_huge_pages()\n"
+    script.write_text("import os\nfrom jdiff.app import huge_pages\nhuge_pages.restart_with_huge_pages()\n"
                       "print('ran', repr(os.environ.get('GLIBC_TUNABLES', '')))\n")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), **{huge_pages.RESTARTED: "1"})

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jdiff.data import load_shapes
+from jdiff.app.shapes_tfds import load_shapes
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 

@@ -26,13 +26,14 @@ import numpy as np  # noqa: E402
 if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):  # the second recipe.run reuses the first one's programs
     process = sys.argv[6] if len(sys.argv) > 6 else "0"  # a folder per process: no concurrent writers
     folder = Path(os.environ["JDIFF_TEST_COMPILE_CACHE"]) / f"worker-{Path(sys.argv[1]).name}-{process}"
-    from jdiff.sample_lib import enable_compilation_cache
+    from jdiff.app.batch_generation import enable_compilation_cache
 
     enable_compilation_cache(folder)
 
 import jdiff  # noqa: E402
 from configs import tiny  # noqa: E402
-from jdiff import recipe, sharding  # noqa: E402
+from jdiff import sharding  # noqa: E402
+from jdiff.app import recipe  # noqa: E402
 
 
 def main(workdir: str, data_dir: str, out: str) -> None:

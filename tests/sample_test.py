@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import sample
-from jdiff import image_io, prompts
+from jdiff import image_io
+from jdiff.app import prompts
 from jdiff.errors import ConfigError
 from tiny_models import make_tiny_sd_pipeline
 

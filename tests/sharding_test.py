@@ -9,8 +9,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default, tiny
-from jdiff import sharding, stages, train_lib
-from jdiff.data import load_shapes, make_loader, to_model_range
+from jdiff import families, sharding, train_lib
+from jdiff.app.caption_tokenizer import write_caption_tokenizer
+from jdiff.app import stages
+from jdiff.app.shapes_tfds import load_shapes
+from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError
 from jdiff.models.unet import UNet2DConditionModel
 
@@ -52,9 +55,9 @@ def test_partition_rules():
     assert sharding.partition_spec(["attn1", "to_q", "kernel"], (64, 64), mesh(data=8)) == P(None, None)
 
 
-def test_fsdp_puts_an_eighth_of_the_default_models_train_state_on_each_device():
+def test_fsdp_puts_an_eighth_of_the_default_models_train_state_on_each_device(tmp_path):
     config = default.get_config()
-    unet = UNet2DConditionModel(stages.unet_config(config, stages.vae_config(config), config.text.hidden_size))
+    unet = families.build(config, tokenizer=write_caption_tokenizer(tmp_path, ["a red circle"])).unet
     params = jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros((1, 16, 16, 4)), jnp.zeros((1,)),
                                               jnp.zeros((1, 32, config.text.hidden_size)))["params"])
     state = jax.eval_shape(lambda p: (p, optax.adamw(1e-3).init(p), p), params)  # params, Adam moments, EMA

@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import CLIPTokenizer
 
-from jdiff.data.tokenizer import byte_symbols
+from jdiff.app.caption_tokenizer import byte_symbols
 from parity import randomize_torch
 
 

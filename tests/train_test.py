@@ -15,8 +15,10 @@ from PIL import Image, ImageFilter
 
 import jdiff
 from configs import tiny
-from jdiff import evaluate, recipe, stages, train_lib
-from jdiff.data import load_shapes, make_loader, to_model_range
+from jdiff import train_lib
+from jdiff.app import recipe, shapes_eval, stages
+from jdiff.app.shapes_tfds import load_shapes
+from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError, TrainingError
 from jdiff.image_io import read_png_parameters
 from jdiff.losses import sample_timesteps
@@ -84,21 +86,20 @@ def diffusion_run(tmp_path, name, cached: bool):
     """Three steps of a tiny diffusion stage on a random VAE, encoding on the fly or from a cache."""
     import jax.numpy as jnp
 
+    from jdiff import families
     from jdiff.data import encode_source
-    from jdiff.data.tokenizer import write_caption_tokenizer
-    from jdiff.models.text import CLIPTextModel
-    from jdiff.models.unet import UNet2DConditionModel
+    from jdiff.app.caption_tokenizer import write_caption_tokenizer
 
     config = tiny.get_config()
     config.diffusion_train.update(steps=3, log_every=1)
     source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
-    vae = stages.vae_module(config)
+    vae = families.build(config).vae
     vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     tokenizer = write_caption_tokenizer(tmp_path / f"{name}_tokenizer", [source[i]["caption"].decode() for i in range(64)],
                                         config.text.max_length)
-    text = CLIPTextModel(stages.text_config(config, tokenizer))
-    unet = UNet2DConditionModel(stages.unet_config(config, vae.config, config.text.hidden_size))
-    stage = stages.diffusion_stage(config, unet=unet, text=text, vae=vae, vae_params=vae_params, tokenizer=tokenizer,
+    pipe = families.build(config, tokenizer=tokenizer, vae=(vae, vae_params))
+    objective = stages.make_objective(config, pipe.scheduler.config)
+    stage = stages.diffusion_stage(pipe, objective, latent_size=16, caption_dropout=config.data.caption_dropout,
                                    cached_latents=cached)
     if cached:
         source = encode_source(stages.latent_encoder(vae, vae_params), source, batch_size=48)  # one padded batch
@@ -263,16 +264,16 @@ def test_unknown_config_override_lists_close_matches():
 
 
 def test_detector_reads_real_images():
-    source_images = [evaluate.shapes.example(i, "test", 32) for i in range(300)]
+    source_images = [shapes_eval.shapes.example(i, "test", 32) for i in range(300)]
     labels = [(e["shape"], e["colour"], e["size"], e["position"]) for e in source_images]
-    accuracy = evaluate.score([e["image"] for e in source_images], labels)
+    accuracy = shapes_eval.score([e["image"] for e in source_images], labels)
     assert accuracy["colour_accuracy"] >= 0.99 and accuracy["position_accuracy"] >= 0.99
     assert accuracy["shape_accuracy"] >= 0.98 and accuracy["size_accuracy"] >= 0.99
     # At 64 px too (the thresholds were set on 32 px images), and blur does not flip shapes.
-    big = [evaluate.shapes.example(i, "test", 64) for i in range(100)]
-    assert evaluate.score([e["image"] for e in big], labels[:100])["shape_accuracy"] >= 0.97
+    big = [shapes_eval.shapes.example(i, "test", 64) for i in range(100)]
+    assert shapes_eval.score([e["image"] for e in big], labels[:100])["shape_accuracy"] >= 0.97
     blurred = [np.asarray(Image.fromarray(e["image"]).filter(ImageFilter.GaussianBlur(0.7))) for e in source_images]
-    assert evaluate.score(blurred, labels)["shape_accuracy"] >= 0.9
+    assert shapes_eval.score(blurred, labels)["shape_accuracy"] >= 0.9
 
 
 def test_vae_trains_on_random_windows(tmp_path):

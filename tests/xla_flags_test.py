@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jdiff import xla_flags
+from jdiff.app import xla_flags
 
 
 def test_flags_are_added_once_and_user_settings_win():

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from jdiff.data.pipeline import decode_example, to_model_range
+from jdiff.data.loader import decode_example, to_model_range
 
 
 class LatentSource:

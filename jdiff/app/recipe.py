@@ -17,14 +17,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jdiff import convert, distributed, sharding, stages, train_lib
-from jdiff.data import decode_example, encode_source, load_shapes, make_loader, shapes, to_model_range
+from jdiff import convert, distributed, families, schedules, sharding, train_lib
+from jdiff.app import shapes, stages
+from jdiff.app.caption_tokenizer import write_caption_tokenizer
+from jdiff.app.shapes_tfds import load_shapes
+from jdiff.data import decode_example, encode_source, make_loader, to_model_range
 from jdiff.data.image_folder import ImageFolder
-from jdiff.data.tokenizer import write_caption_tokenizer
 from jdiff.errors import ConfigError
-from jdiff.models.text import CLIPTextModel
-from jdiff.models.unet import UNet2DConditionModel
-from jdiff.pipeline import Pipeline, load_pipeline, save_pipeline
+from jdiff.families import Pipeline, save_pipeline
 
 STAGES = ("vae", "diffusion")
 
@@ -69,7 +69,7 @@ def _loader(source, section, seed):
 def train_vae(config, workdir: Path, train_source, test_source):
     """Stage 1; returns (module, EMA params) ready for the diffusion stage and exports vae/export."""
     test_images, _ = _examples(test_source or train_source, 200)
-    module = stages.vae_module(config)
+    module = families.build(config, dtype=stages.compute_dtype(config)).vae
     stage = stages.vae_stage(config, test_images, module)
     state, _ = train_lib.train(stage, config.vae_train, workdir / "vae", _loader(train_source, config.vae_train, config.seed),
                             total_batch=config.vae_train.batch_size)
@@ -83,38 +83,38 @@ def train_vae(config, workdir: Path, train_source, test_source):
     return module, params
 
 
-def _pretrained_or_exported_vae(config, workdir: Path):
-    folder = Path(config.pretrained) / "vae" if config.pretrained else workdir / "vae" / "export"
+def _exported_vae(config, workdir: Path):
+    folder = workdir / "vae" / "export"
     if not folder.is_dir():
         raise ConfigError(f"the diffusion stage needs a trained VAE: {folder} does not exist. Run the 'vae' "
                           f"stage first (config.stages) or set config.pretrained.")
     return convert.load_vae(folder, dtype=stages.compute_dtype(config))
 
 
-def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_captions) -> Pipeline:
-    """Stage 2; returns the trained pipeline (EMA weights) and exports it to <workdir>/pipeline."""
+def diffusion_components(config, workdir: Path, train_source, vae, vae_params) -> Pipeline:
+    """What the diffusion stage trains: a pretrained checkpoint's components, or the family's
+    modules built from the config around the trained VAE, with a tokenizer of the captions."""
     dtype = stages.compute_dtype(config)
-    text_params = unet_params = None
     if config.pretrained:
-        base = load_pipeline(config.pretrained, dtype=dtype)
-        tokenizer, text, unet = base.tokenizer, base.text_encoder, base.unet
-        text_params, unet_params = base.params["text_encoder"], base.params["unet"]
-        scheduler = base.scheduler
-    else:
-        tokenizer = distributed.main_first("tokenizer", lambda: write_caption_tokenizer(
-            workdir / "tokenizer", _all_captions(config, train_source), config.text.max_length))
-        text = CLIPTextModel(stages.text_config(config, tokenizer), dtype=dtype)
-        unet = UNet2DConditionModel(stages.unet_config(config, vae.config, config.text.hidden_size), dtype=dtype,
-                                    gradient_checkpointing=config.remat)
-        scheduler = stages.scheduler_config(config)
-    if not config.diffusion.train_text_encoder and text_params is None:
-        raise ConfigError("diffusion.train_text_encoder=False needs a pretrained text encoder (config.pretrained).")
-    fields = frozenset(dataclasses.asdict(scheduler))
+        return families.build(config.pretrained, dtype=dtype)
+    tokenizer = distributed.main_first("tokenizer", lambda: write_caption_tokenizer(
+        workdir / "tokenizer", _all_captions(config, train_source), config.text.max_length))
+    return families.build(config, tokenizer=tokenizer, vae=(vae, vae_params), dtype=dtype)
+
+
+def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_captions) -> Pipeline:
+    """Stage 2; returns the trained pipeline (EMA weights) and exports it to <workdir>/pipeline.
+
+    The schedule is the model's own (a pretrained checkpoint's scheduler, or config.scheduler for a
+    model built from the config) with the fields config.diffusion.schedule sets; the export's
+    scheduler says what was trained."""
+    base = diffusion_components(config, workdir, train_source, vae, vae_params)
+    scheduler = schedules.training_scheduler(base.scheduler, dict(config.diffusion.schedule),
+                                             config.diffusion.change_prediction_type)
+    base = base.replace(scheduler=scheduler)
 
     def pipeline_from(params) -> Pipeline:
-        text_p = params.get("text_encoder", text_params)
-        return Pipeline(unet, vae, text, tokenizer, scheduler, fields,
-                        {"unet": params["unet"], "vae": vae_params, "text_encoder": text_p}, str(workdir / "pipeline"))
+        return base.replace(params={**base.params, **params}, source=str(workdir / "pipeline"))
 
     def evaluate(params, step):
         from jdiff.pipeline import generate
@@ -126,15 +126,18 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
         return {"samples": image_io.image_grid(images, columns=4)}
 
     cache = config.data.cache_latents
-    stage = stages.diffusion_stage(config, unet=unet, text=text, vae=vae, vae_params=vae_params, tokenizer=tokenizer,
-                                   text_params=text_params, unet_params=unet_params, evaluate=evaluate,
+    vae, vae_params = base.vae, base.params["vae"]
+    stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler.config),
+                                   latent_size=config.data.resolution // vae.config.downscale,
+                                   caption_dropout=config.data.caption_dropout,
+                                   train_text_encoder=config.diffusion.train_text_encoder, evaluate=evaluate,
                                    cached_latents=cache)
     if cache:  # the VAE is frozen: encode once rather than at every step
         train_source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
                                      show_progress=distributed.is_main())
     loader = _loader(train_source, config.diffusion_train, config.seed)
     state, _ = train_lib.train(stage, config.diffusion_train, workdir / "diffusion", loader,
-                            total_batch=config.diffusion_train.batch_size)
+                               total_batch=config.diffusion_train.batch_size)
     if int(state.step) < config.diffusion_train.steps:
         return None  # stopped early (run_steps): the next invocation resumes
     pipe = pipeline_from(sharding.gather(state.ema_params))
@@ -161,7 +164,7 @@ def run(config, workdir) -> dict:
         if vae is None:
             return stopped
     else:
-        vae, vae_params = _pretrained_or_exported_vae(config, workdir)
+        vae, vae_params = (None, None) if config.pretrained else _exported_vae(config, workdir)
     results = {}
     if "diffusion" in requested:
         pipe = train_diffusion(config, workdir, train_source, vae, vae_params, test_captions)
@@ -186,7 +189,7 @@ def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> d
                           {"prompts": captions, "sampler": s.sampler, "steps": s.steps, "guidance": s.guidance})
     if config.data.dataset != "shapes":
         return {}
-    from jdiff import evaluate
+    from jdiff.app import shapes_eval as evaluate
 
     results = evaluate.evaluate_pipeline(pipe, test_source, num_prompts=config.evaluate.num_prompts,
                                          guidances=tuple(config.evaluate.guidances), sampler=s.sampler,

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jdiff.data import shapes
+from jdiff.app import shapes
 from jdiff.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def _png(image: np.ndarray) -> bytes:
 
 
 class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
-    """Procedurally drawn shapes with English captions (see jdiff/data/shapes.py)."""
+    """Procedurally drawn shapes with English captions (see jdiff/app/shapes.py)."""
 
     VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First release.",

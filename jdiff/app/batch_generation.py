@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from jdiff import image_io
 from jdiff.pipeline import Pipeline, generate
-from jdiff.prompts import Job
+from jdiff.app.prompts import Job
 
 _compile_seconds = [0.0]
 

@@ -16,7 +16,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from jdiff.data import decode_example, shapes, to_model_range
+from jdiff.app import shapes
+from jdiff.data import decode_example, to_model_range
 
 _PALETTE = np.asarray([shapes.COLOUR_RGB[c] for c in shapes.COLOURS], np.float32) / 255.0
 _MIN_CHROMA = 0.18  # colourfulness separating objects from the grey background

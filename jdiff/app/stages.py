@@ -1,0 +1,170 @@
+"""The two training stages of latent diffusion, as `train_lib.Stage`s: the VAE on images, then a
+family's denoiser (and its text encoders, trained from scratch or kept frozen) on the frozen VAE's
+latents. Stages take components (a `Pipeline` from `jdiff.families.build`) and an objective; they
+build no models. Everything here is a pure function of its inputs.
+"""
+
+import dataclasses
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from jdiff import families, losses
+from jdiff.errors import ConfigError
+from jdiff.families import Pipeline
+from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents, standardize_latents
+from jdiff.train_lib import Stage
+
+
+def compute_dtype(config):
+    return jnp.dtype(config.dtype)
+
+
+# --- the VAE ------------------------------------------------------------------------------------
+
+
+def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = None) -> Stage:
+    """test_images: float32 [N, R, R, 3] in [-1, 1] for the PSNR evaluation. module: the VAE to
+    train (default: the family's, built from the config)."""
+    module = module or families.build(config, dtype=compute_dtype(config)).vae
+    resolution = config.data.resolution
+
+    def init_params(rng):
+        return module.init(rng, jnp.zeros((1, resolution, resolution, 3)))["params"]
+
+    crop = config.vae.train_crop
+    if crop and not (0 < crop <= resolution and crop % module.config.downscale == 0):
+        raise ConfigError(f"vae.train_crop={crop} must be 0 (whole images) or a multiple of the VAE's downscale "
+                          f"factor {module.config.downscale} no larger than data.resolution={resolution}.")
+
+    def loss_fn(params, frozen, batch, rng):
+        images = batch["image"]
+        if 0 < crop < resolution:
+            rng, window = jax.random.split(rng)
+            images = random_window(images, crop, window)
+        posterior = module.apply({"params": params}, images, method="encode")
+        reconstruction = module.apply({"params": params}, posterior.sample(rng), method="decode")
+        loss, parts = losses.vae_loss(reconstruction, images, posterior, kl_weight=config.vae_loss.kl_weight,
+                                      kind=config.vae_loss.reconstruction)
+        return loss, {**parts, "psnr": losses.psnr(reconstruction, images)}
+
+    reconstruct = jax.jit(lambda params, images: module.apply({"params": params}, images))
+
+    def evaluate(params, step):
+        chunks = [np.asarray(reconstruct(params, test_images[i:i + 100])) for i in range(0, len(test_images), 100)]
+        reconstructions = np.concatenate(chunks)
+        psnr = float(losses.psnr(jnp.asarray(reconstructions), jnp.asarray(test_images)))
+        pairs = np.concatenate([test_images[:8], np.clip(reconstructions[:8], -1, 1)], axis=2)  # original | rebuilt
+        return {"psnr": psnr, "reconstructions": np.concatenate(list(pairs), axis=0) * 0.5 + 0.5}
+
+    return Stage("vae", init_params, loss_fn, lambda batch: {"image": batch["image"]}, evaluate=evaluate,
+                 model_meta={"vae": module.config.to_dict()})
+
+
+def random_window(images: jax.Array, size: int, rng) -> jax.Array:
+    """One random size x size window of a [B, H, W, C] batch (the same place in every image). The VAE is
+    convolutional, so it can train on windows of larger images at the cost of the window."""
+    top = jax.random.randint(rng, (), 0, images.shape[1] - size + 1)
+    left = jax.random.randint(jax.random.fold_in(rng, 1), (), 0, images.shape[2] - size + 1)
+    return jax.lax.dynamic_slice(images, (0, top, left, 0), (images.shape[0], size, size, images.shape[3]))
+
+
+def posterior_means(module: AutoencoderKL, params, images: np.ndarray) -> np.ndarray:
+    """The VAE posterior means of `images` ([N, H, W, 3] in [-1, 1]), in batches of 100."""
+    encode = latent_encoder(module, params)
+    return np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
+
+
+def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, latent_std: float = 0.0):
+    """(module, params) of a trained VAE, with the latent scaling the diffusion stage trains on.
+
+    latent_std > 0: fold a per-channel standardisation into the weights (`standardize_latents`) and
+    set scaling_factor = latent_std, so every channel of the diffusion latents has mean 0 and std
+    latent_std. Below 1 this lowers the signal-to-noise ratio at every timestep by latent_std**2:
+    the "input scaling" of Chen (2023), the SNR shift SD3 applies at high resolution.
+    latent_std = 0: only scaling_factor = 1 / std of all elements (Stable Diffusion's 0.18215 rule).
+    """
+    means = posterior_means(module, params, images)
+    if latent_std > 0:
+        config, params = standardize_latents(module.config, params, means.mean(axis=(0, 1, 2)),
+                                             means.std(axis=(0, 1, 2)))
+        config = dataclasses.replace(config, scaling_factor=float(latent_std))
+    else:
+        config = dataclasses.replace(module.config, scaling_factor=float(1.0 / means.std()))
+    return module.clone(config=config), params
+
+
+# --- the diffusion model ------------------------------------------------------------------------
+
+
+def make_objective(config, schedule) -> losses.Objective:
+    """The training objective of config.diffusion on `schedule` (a SchedulerConfig)."""
+    d = config.diffusion
+    return losses.Objective(schedule, min_snr_gamma=d.min_snr_gamma, timestep_sampling=d.timestep_sampling,
+                            logit_mean=d.logit_mean, logit_std=d.logit_std, noise_offset=d.noise_offset)
+
+
+def latent_encoder(vae: AutoencoderKL, vae_params):
+    """images [B, H, W, 3] in [-1, 1] -> (posterior mean, log-variance), jitted: what `encode_source` needs
+    to encode a training set once for a diffusion stage with `cached_latents`."""
+    @jax.jit
+    def encode(images):
+        posterior = vae.apply({"params": vae_params}, images, method="encode")
+        return posterior.mean, posterior.logvar
+
+    return encode
+
+
+def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
+                    train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
+                    model_meta: dict | None = None) -> Stage:
+    """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
+    noised VAE latents of captioned images.
+
+    pipe: the components; parameters it holds are starting points (fine-tuning), the trained
+    components it lacks are initialised. cached_latents: batches carry the VAE posterior
+    ("latent_mean", "latent_logvar", from a `LatentSource`) instead of images; the latents drawn from
+    it are the same as on the fly.
+    """
+    family, modules, vae = pipe.family, pipe.modules, pipe.vae
+    trained = (family.denoiser_name,) + (family.text_encoder_names if train_text_encoder else ())
+    frozen_text = [n for n in family.text_encoder_names if n not in trained and n not in pipe.params]
+    if frozen_text:
+        raise ConfigError(f"train_text_encoder=False needs pretrained text encoders ({', '.join(frozen_text)}): "
+                          f"set config.pretrained.")
+    empty_tokens = family.tokenize(pipe, [""], warn=False)
+    latent_shape = (latent_size, latent_size, vae.config.latent_channels)
+
+    def init_params(rng):
+        fresh = family.init_params(modules, [n for n in trained if n not in pipe.params], rng, latent_shape)
+        return {n: pipe.params[n] if n in pipe.params else fresh[n] for n in trained}
+
+    def loss_fn(params, frozen, batch, rng):
+        latent_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
+        if cached_latents:
+            posterior = DiagonalGaussian(batch["latent_mean"], batch["latent_logvar"])
+        else:
+            posterior = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+        x0 = jax.lax.stop_gradient(scale_latents(vae.config, posterior.sample(latent_rng)))
+        # Caption dropout: the model also learns the unconditional prediction guidance needs.
+        dropped = jax.random.uniform(drop_rng, (x0.shape[0],)) < caption_dropout
+        tokens = jax.tree.map(lambda empty, ids: jnp.where(dropped[:, None], empty, ids), empty_tokens,
+                              batch["tokens"])
+        all_params = {**frozen, **params}
+        cond = family.encode_prompts(modules, all_params, tokens)
+        model_fn = family.denoiser(modules, all_params)
+        loss, _ = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
+        return loss, {}
+
+    def prepare_batch(batch):
+        inputs = ("latent_mean", "latent_logvar") if cached_latents else ("image",)
+        return {**{k: batch[k] for k in inputs}, "tokens": family.tokenize(pipe, batch["caption"], warn=False)}
+
+    frozen = {n: pipe.params[n] for n in family.text_encoder_names if n not in trained}
+    if not cached_latents:
+        frozen["vae"] = pipe.params["vae"]
+    meta = {n: m.config.to_dict() for n, m in modules.items()}
+    meta.update(objective=dataclasses.asdict(objective), trained=list(trained), **(model_meta or {}))
+    return Stage("diffusion", init_params, loss_fn, prepare_batch, frozen=frozen, evaluate=evaluate,
+                 model_meta=meta)

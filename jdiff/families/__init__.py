@@ -1,0 +1,83 @@
+"""Model families and the one builder of their components.
+
+    pipe = build("path/to/diffusers/folder")                 # by model_index.json's `_class_name`
+    pipe = build(run_config, tokenizer=tok, vae=(vae, params))  # by run_config.family, from its sections
+
+Adding a family: write its module (a `Family`: loading, saving, building from a run config,
+tokenizing, encoding prompts, calling the denoiser) and list it in FAMILIES. `generate()`,
+`sample.py`, `train.py`, sharding and checkpoints then work for it unchanged.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jdiff.errors import CheckpointError, ConfigError
+from jdiff.families import stable_diffusion
+from jdiff.families.base import Family, Pipeline
+
+FAMILIES = {f.name: f for f in (stable_diffusion.FAMILY,)}
+
+
+def family_for_pipeline_class(class_name: str) -> Family:
+    for family in FAMILIES.values():
+        if class_name in family.pipeline_classes:
+            return family
+    known = sorted(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    raise CheckpointError(f"model_index.json names {class_name!r}, which jdiff does not build; "
+                          f"it reads {', '.join(known)}.")
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; use one of {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+    """A diffusers pipeline folder (its family chosen by model_index.json's `_class_name`), or a
+    train.py workdir (its `pipeline/` export). `dtype` is the compute dtype (bfloat16 on
+    accelerators); parameters are stored in `param_dtype`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
+    if (folder / "pipeline" / "model_index.json").is_file():  # a train.py workdir: its exported model
+        folder = folder / "pipeline"
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        try:
+            index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{str(index_file)!r} is not valid JSON: {e}") from None
+    else:  # a folder laid out like Stable Diffusion without its index
+        index = {"_class_name": "StableDiffusionPipeline"}
+    family = family_for_pipeline_class(index.get("_class_name", ""))
+    return family.load(folder, index, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_pipeline(pipe: Pipeline, folder) -> None:
+    """Writes `pipe` as a diffusers pipeline folder (which `load_pipeline`, sample.py and diffusers'
+    `from_pretrained` read). Written beside the target and swapped in when complete, so an
+    interruption never leaves a half-written model under the final name."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    index = pipe.family.save(pipe, partial)
+    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
+    previous = folder.with_name(folder.name + ".previous")
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def build(source, **options) -> Pipeline:
+    """A family's components from a diffusers folder (a path) or from a run config (an
+    ml_collections config with a `family` field and that family's model sections)."""
+    if isinstance(source, (str, Path)):
+        return load_pipeline(source, **options)
+    return get(source.get("family", "stable-diffusion")).from_config(source, **options)

@@ -1,0 +1,94 @@
+"""What a model family is, and the `Pipeline` of components every family's builder makes.
+
+A family says how prompts become conditioning (its tokenizers and text encoders), what its
+denoiser is and how it is called, and which checkpoint folders it reads. Everything else —
+samplers, guidance, `generate()`, training, sharding, checkpoints — works on a `Pipeline` through
+these functions and never asks which family it holds.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from jdiff.schedules import Scheduler
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # one object per family: hashed by identity (a jit key)
+class Family:
+    """One model family. Traced functions take `modules` (the Flax modules by component name) and
+    `params` (their parameters by the same names); host functions take the whole `Pipeline`.
+
+    pipeline_classes: model_index.json `_class_name`s it reads, each with diffusers' default
+      step count for that pipeline.
+    load(folder, index, dtype, param_dtype) -> Pipeline; save(pipe, folder) -> model_index.json
+      dict; from_config(config, ...) -> Pipeline (modules built from a run config, parameters only
+      where given).
+    tokenize(pipe, prompts) -> dict of int32 [B, L] numpy arrays (the traced inputs of encode_prompts).
+    encode_prompts(modules, params, tokens, clip_skip) -> conditioning pytree, batch-major.
+    denoiser(modules, params, guidance) -> model_fn(x, t, conditioning, extra_channels=None): one
+      call of the denoiser in the scheduler's prediction type; `guidance` reaches it only where
+      the model embeds the scale (see embeds_guidance).
+    embeds_guidance(modules): True when the model takes the guidance scale as an input (LCM,
+      guidance-distilled models) and so runs no unconditional half.
+    inpainting_channels(modules): True when the denoiser takes mask and masked-image channels.
+    init_params(modules, names, rng, latent_shape) -> {name: params} for training from scratch.
+    """
+
+    name: str
+    denoiser_name: str  # the component that is trained to denoise ("unet", "transformer")
+    text_encoder_names: tuple[str, ...]
+    pipeline_classes: Mapping[str, int]
+    load: Callable
+    save: Callable
+    from_config: Callable
+    tokenize: Callable
+    encode_prompts: Callable
+    denoiser: Callable
+    embeds_guidance: Callable
+    inpainting_channels: Callable
+    init_params: Callable
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """A family's components: Flax modules and tokenizers by their diffusers component names
+    (`pipe.unet`, `pipe.text_encoder`, `pipe.tokenizer` read them), the checkpoint's scheduler,
+    and the parameters by component name."""
+
+    family: Family
+    modules: Mapping[str, Any]
+    tokenizers: Mapping[str, Any]
+    scheduler: Scheduler
+    params: dict
+    source: str = ""
+    pipeline_class: str = ""  # model_index.json's `_class_name`
+    _placed: dict = dataclasses.field(default_factory=dict, repr=False)  # params per mesh (generate)
+
+    def __getattr__(self, name):
+        for table in ("modules", "tokenizers"):
+            found = self.__dict__.get(table) or {}
+            if name in found:
+                return found[name]
+        raise AttributeError(f"{type(self).__name__} has no component or attribute {name!r}")
+
+    def replace(self, **changes) -> "Pipeline":
+        return dataclasses.replace(self, **changes, _placed={})
+
+    @property
+    def denoiser_module(self):
+        return self.modules[self.family.denoiser_name]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.modules["vae"].config.downscale
+
+    @property
+    def latent_channels(self) -> int:
+        return self.modules["vae"].config.latent_channels
+
+    @property
+    def default_size(self) -> int:
+        return (self.denoiser_module.config.sample_size or 64) * self.vae_scale_factor
+
+    @property
+    def default_steps(self) -> int:
+        return self.family.pipeline_classes.get(self.pipeline_class, 50)
