@@ -155,6 +155,7 @@ class SchedulerConfig:
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
+    skip_prk_steps: bool = False  # PNDM: False runs its Runge-Kutta warm-up (SD 1.x checkpoints set True)
     variance_type: str = "fixed_small"  # DDPM
     use_karras_sigmas: bool = False  # Euler, DPM-Solver++
     final_sigmas_type: str = "zero"  # DPM-Solver++
@@ -177,6 +178,8 @@ class SchedulerConfig:
         for name, (value, valid) in checks.items():
             if value not in valid:
                 raise ConfigError(f"{source}: {name} {value!r} is not supported; use one of {valid}.")
+        if not isinstance(self.skip_prk_steps, bool):
+            raise ConfigError(f"{source}: skip_prk_steps must be true or false, got {self.skip_prk_steps!r}.")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{source}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:

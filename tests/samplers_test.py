@@ -27,6 +27,9 @@ REFERENCE = {
     "dpm++2m_karras": "DPMSolverMultistepScheduler",
     "lcm": "LCMScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
 }
 MODULE = {
     "DDIMScheduler": "scheduling_ddim",
@@ -62,9 +65,11 @@ def run_diffusers(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0, m
     scheduler = getattr(diffusers, cls_name).from_config({**raw_config, **extra})
     scheduler.set_timesteps(steps)
     start = samplers.img2img_start(steps, strength)
-    timesteps = scheduler.timesteps[start:]
+    # as the pipelines' get_timesteps: a second-order scheduler lists `order` entries per step
+    begin = start * getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[begin:]
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
+        scheduler.set_begin_index(begin)
     current = {}
     if monkeypatch is not None:  # inject jdiff's noise for step i
         def randn(shape, **kwargs):

@@ -14,18 +14,23 @@
 Plans are computed on the host in numpy exactly as diffusers' schedulers compute theirs, and each
 update is written in the reference's operation order, so trajectories agree to float32 rounding.
 One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (DPM-Solver++),
-`flow` (rectified flow).
+`flow` (rectified flow), `pndm` (PNDM/PLMS), `lms` (linear multistep), `heun` (Heun, two model calls
+per step).
 """
 
 from jdiff.errors import ConfigError
 from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_noise
 from jdiff.samplers.dpm import DPM_2M, DPM_2M_KARRAS
 from jdiff.samplers.flow import FLOW_EULER
+from jdiff.samplers.heun import HEUN
 from jdiff.samplers.karras import EULER, EULER_ANCESTRAL
+from jdiff.samplers.lms import LMS
+from jdiff.samplers.pndm import PNDM
 from jdiff.samplers.vp import DDIM, DDPM, LCM
 from jdiff.schedules import SchedulerConfig
 
-REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, LCM, FLOW_EULER)}
+REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, LCM, FLOW_EULER,
+                                PNDM, LMS, HEUN)}
 SAMPLERS = tuple(REGISTRY)
 
 

@@ -25,7 +25,7 @@ class Plan:
     """A sampling schedule made by `make_plan`."""
 
     arrays: dict  # what the update rule reads, each [L, ...] float32 (entries from num_steps on are padding)
-    num_steps: Any  # int32 scalar
+    num_steps: Any  # int32 scalar: loop iterations (the step count, unless the sampler's loop_length differs)
     start: Any  # int32 scalar: the first step run (image-to-image skips the noisiest ones)
     init_noise_sigma: Any  # float32 scalar: scale of pure-noise starting latents
     eta: Any  # float32 scalar: DDIM's stochasticity (0 = deterministic)
@@ -47,6 +47,8 @@ class Sampler:
     step(model_fn, x, i, plan, state, keys) -> (x, state): step i; `state` carries what multistep
       rules remember between steps (a pytree made by `init_state(x)`).
     add_noise(x0, noise, plan, i): x0 noised to the level of step i (image-to-image, inpainting).
+    loop_length(config, n): iterations the loop runs for n steps (n, except where the reference
+      calls the model more often than once per step, as PNDM does).
     """
 
     name: str
@@ -55,8 +57,9 @@ class Sampler:
     step: Callable
     add_noise: Callable
     class_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # that class's own defaults
-    forced: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # settings the name implies
+    forced: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # settings the name implies (or its class lacks)
     init_state: Callable = jnp.zeros_like
+    loop_length: Callable = lambda config, n: n
     stochastic: bool = False  # draws noise at every step (needs per-image keys)
     description: str = ""
 
@@ -85,7 +88,8 @@ def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, streng
         v = np.asarray(v, np.float32)
         return np.pad(v, [(0, length - len(v))] + [(0, 0)] * (v.ndim - 1), mode="edge")
 
-    return Plan({k: pad(v) for k, v in arrays.items()}, np.int32(num_steps), np.int32(start), np.float32(init),
+    iterations = sampler.loop_length(config, int(num_steps))
+    return Plan({k: pad(v) for k, v in arrays.items()}, np.int32(iterations), np.int32(start), np.float32(init),
                 np.float32(eta), sampler.name, config)
 
 

@@ -16,7 +16,8 @@ def train_sigmas(config):
     return (((1 - a) / a) ** 0.5).astype(np.float32)
 
 
-def _euler_levels(config, n):
+def euler_levels(config, n):
+    """Timesteps and sigmas (with a final 0) of diffusers' k-diffusion schedulers (Euler, LMS, Heun)."""
     t_count = config.num_train_timesteps
     if config.timestep_spacing == "linspace":
         ts = np.linspace(0, t_count - 1, n, dtype=np.float32)[::-1].copy()
@@ -63,8 +64,8 @@ def _euler_ancestral_step(model_fn, x, i, plan, state, keys):
     return x + step_noise(keys, i, x) * sigma_up, state
 
 
-EULER = Sampler("euler", "EulerDiscreteScheduler", _euler_levels, _euler_step, k_noise,
+EULER = Sampler("euler", "EulerDiscreteScheduler", euler_levels, _euler_step, k_noise,
                 class_defaults={"timestep_spacing": "linspace"}, description="Euler (Karras sigmas if configured)")
-EULER_ANCESTRAL = Sampler("euler_a", "EulerAncestralDiscreteScheduler", _euler_levels, _euler_ancestral_step,
+EULER_ANCESTRAL = Sampler("euler_a", "EulerAncestralDiscreteScheduler", euler_levels, _euler_ancestral_step,
                           k_noise, class_defaults={"timestep_spacing": "linspace"}, stochastic=True,
                           description="Euler ancestral")
