@@ -17,6 +17,7 @@ from jdiff.errors import CheckpointError, ConfigError
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")  # each solver class maps the others to its own
 
 
 def betas(schedule: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -159,7 +160,9 @@ class SchedulerConfig:
     variance_type: str = "fixed_small"  # DDPM
     use_karras_sigmas: bool = False  # Euler, DPM-Solver++
     final_sigmas_type: str = "zero"  # DPM-Solver++
-    solver_type: str = "midpoint"  # DPM-Solver++
+    solver_type: str = "midpoint"  # DPM-Solver++ (midpoint, heun), UniPC (bh1, bh2)
+    solver_order: int = 2  # DPM-Solver++, UniPC
+    algorithm_type: str = "dpmsolver++"  # DPM-Solver++ (sde-dpmsolver++ adds noise every step)
     lower_order_final: bool = True  # DPM-Solver++
     euler_at_final: bool = False  # DPM-Solver++
     original_inference_steps: int = 50  # LCM
@@ -173,7 +176,8 @@ class SchedulerConfig:
             "timestep_spacing": (self.timestep_spacing, SPACINGS),
             "variance_type": (self.variance_type, ("fixed_small", "fixed_large")),
             "final_sigmas_type": (self.final_sigmas_type, ("zero", "sigma_min")),
-            "solver_type": (self.solver_type, ("midpoint", "heun")),
+            "solver_type": (self.solver_type, SOLVER_TYPES),
+            "algorithm_type": (self.algorithm_type, ("dpmsolver++", "sde-dpmsolver++")),
         }
         for name, (value, valid) in checks.items():
             if value not in valid:
@@ -182,6 +186,8 @@ class SchedulerConfig:
             raise ConfigError(f"{source}: skip_prk_steps must be true or false, got {self.skip_prk_steps!r}.")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"{source}: num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
+        if self.solver_order not in (1, 2, 3):
+            raise ConfigError(f"{source}: solver_order must be 1, 2 or 3, got {self.solver_order!r}.")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise ConfigError(f"{source}: trained_betas has {len(self.trained_betas)} values for "
                               f"{self.num_train_timesteps} timesteps.")
@@ -193,8 +199,10 @@ class SchedulerConfig:
         for key, allowed in _UNSUPPORTED.items():
             if key in raw and raw[key] not in allowed:
                 raise ConfigError(f"{source}: {key} = {raw[key]!r} is not supported by jdiff.")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
+        # null stands for the class default (DPM-Solver files store `"variance_type": null`)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()
+                  if k in defaults and not (v is None and defaults[k] is not None)}
         config = cls(**kwargs)
         config.validate(source)
         return config
@@ -206,6 +214,16 @@ class SchedulerConfig:
         """This config with `sampler_defaults` applied to every field not in `explicit`."""
         return dataclasses.replace(self, **{k: v for k, v in sampler_defaults.items() if k not in explicit})
 
+    def as_read_by(self, class_name: str) -> "SchedulerConfig":
+        """This config after the rewrites diffusers' `class_name` makes on load: UniPC and the
+        DPM-Solver classes each take the other family's solver types as their own default."""
+        dpm = (("midpoint", "heun"), "midpoint")
+        own = {"UniPCMultistepScheduler": (("bh1", "bh2"), "bh2"), "DPMSolverMultistepScheduler": dpm,
+               "DPMSolverSinglestepScheduler": dpm}.get(class_name)
+        if own is None or self.solver_type in own[0]:
+            return self
+        return dataclasses.replace(self, solver_type=own[1])
+
 
 # Scheduler options whose non-default values would change results in ways jdiff does not implement.
 _UNSUPPORTED = {
@@ -214,7 +232,14 @@ _UNSUPPORTED = {
     "use_beta_sigmas": (False, None),
     "use_lu_lambdas": (False, None),
     "use_dynamic_shifting": (False, None),
-    "algorithm_type": ("dpmsolver++", None),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", None),
+    "lambda_min_clipped": (-math.inf, None),
+    "predict_x0": (True, None),  # UniPC on noise predictions
+    "disable_corrector": ([], None),
+    "solver_p": (None,),
+    "use_flow_sigmas": (False, None),
+    "sigma_min": (None,),  # custom Karras range ends
+    "sigma_max": (None,),
     "interpolation_type": ("linear", None),
     "timestep_type": ("discrete", None),
     "invert_sigmas": (False, None),

@@ -25,6 +25,10 @@ REFERENCE = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm++2m": "DPMSolverMultistepScheduler",
     "dpm++2m_karras": "DPMSolverMultistepScheduler",
+    "dpm++2m_sde": "DPMSolverMultistepScheduler",
+    "dpm++2m_sde_karras": "DPMSolverMultistepScheduler",
+    "dpm++_single": "DPMSolverSinglestepScheduler",
+    "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
@@ -36,6 +40,14 @@ MODULE = {
     "DDPMScheduler": "scheduling_ddpm",
     "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
     "LCMScheduler": "scheduling_lcm",
+    "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
+}
+# settings each sampler name implies, given to the diffusers class as a pipeline user would
+IMPLIED = {
+    "dpm++2m": {"use_karras_sigmas": False},
+    "dpm++2m_karras": {"use_karras_sigmas": True},
+    "dpm++2m_sde": {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"},
+    "dpm++2m_sde_karras": {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
 }
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
           set_alpha_to_one=False, timestep_spacing="leading")
@@ -59,10 +71,7 @@ def model_jax(x, t):
 
 def run_diffusers(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0, monkeypatch=None):
     cls_name = REFERENCE[name]
-    extra = {"use_karras_sigmas": True} if name == "dpm++2m_karras" else {}
-    if name == "dpm++2m":
-        extra = {"use_karras_sigmas": False}
-    scheduler = getattr(diffusers, cls_name).from_config({**raw_config, **extra})
+    scheduler = getattr(diffusers, cls_name).from_config({**raw_config, **IMPLIED.get(name, {})})
     scheduler.set_timesteps(steps)
     start = samplers.img2img_start(steps, strength)
     # as the pipelines' get_timesteps: a second-order scheduler lists `order` entries per step

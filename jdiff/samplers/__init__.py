@@ -13,24 +13,28 @@
 
 Plans are computed on the host in numpy exactly as diffusers' schedulers compute theirs, and each
 update is written in the reference's operation order, so trajectories agree to float32 rounding.
-One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (DPM-Solver++),
-`flow` (rectified flow), `pndm` (PNDM/PLMS), `lms` (linear multistep), `heun` (Heun, two model calls
-per step).
+One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (DPM-Solver++ 2M),
+`dpm_sde` (DPM-Solver++ 2M SDE), `dpm_single` (DPM-Solver++ singlestep, orders 1-3), `unipc`
+(UniPC predictor-corrector; bh1/bh2 and orders 1-3 come from the config), `pndm` (PNDM/PLMS),
+`lms` (linear multistep), `heun` (Heun, two model calls per step), `flow` (rectified flow).
 """
 
 from jdiff.errors import ConfigError
 from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_noise
 from jdiff.samplers.dpm import DPM_2M, DPM_2M_KARRAS
+from jdiff.samplers.dpm_sde import DPM_2M_SDE, DPM_2M_SDE_KARRAS
+from jdiff.samplers.dpm_single import DPM_SINGLE
 from jdiff.samplers.flow import FLOW_EULER
 from jdiff.samplers.heun import HEUN
 from jdiff.samplers.karras import EULER, EULER_ANCESTRAL
 from jdiff.samplers.lms import LMS
 from jdiff.samplers.pndm import PNDM
+from jdiff.samplers.unipc import UNIPC
 from jdiff.samplers.vp import DDIM, DDPM, LCM
 from jdiff.schedules import SchedulerConfig
 
-REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, LCM, FLOW_EULER,
-                                PNDM, LMS, HEUN)}
+REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, DPM_2M_SDE,
+                                 DPM_2M_SDE_KARRAS, DPM_SINGLE, UNIPC, PNDM, LMS, HEUN, LCM, FLOW_EULER)}
 SAMPLERS = tuple(REGISTRY)
 
 
@@ -49,7 +53,7 @@ def sampler_config(name: str, config: SchedulerConfig, explicit: frozenset = fro
     scheduler class behind sampler `name` would read it."""
     sampler = get(name)
     config = config.for_sampler(sampler.class_defaults, explicit)
-    return config.for_sampler(sampler.forced, frozenset())
+    return config.for_sampler(sampler.forced, frozenset()).as_read_by(sampler.scheduler_class)
 
 
 def make_plan(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0, eta: float = 0.0,
@@ -89,8 +93,15 @@ def sample(model_fn, x, plan: Plan, keys=None, known=None):
 def for_scheduler(class_name: str, config: SchedulerConfig) -> str:
     """The sampler that runs what a checkpoint's `scheduler_config.json` names (`_class_name`), as
     diffusers' `pipe(prompt)` would with that scheduler."""
-    if class_name == "DPMSolverMultistepScheduler" and config.use_karras_sigmas:
-        return "dpm++2m_karras"
+    if class_name == "DPMSolverMultistepScheduler":
+        if config.solver_order != 2:
+            raise ConfigError(f"DPMSolverMultistepScheduler with solver_order {config.solver_order}: jdiff runs "
+                              f"it at order 2 only; pass sampler= one of {', '.join(SAMPLERS)}.")
+        sde = "_sde" if config.algorithm_type == "sde-dpmsolver++" else ""
+        return f"dpm++2m{sde}_karras" if config.use_karras_sigmas else f"dpm++2m{sde}"
+    if class_name == "DPMSolverSinglestepScheduler" and config.algorithm_type != "dpmsolver++":
+        raise ConfigError(f"DPMSolverSinglestepScheduler with algorithm_type {config.algorithm_type!r}: jdiff runs "
+                          f"it with dpmsolver++ only; pass sampler= one of {', '.join(SAMPLERS)}.")
     for sampler in REGISTRY.values():
         if sampler.scheduler_class == class_name and not sampler.forced:
             return sampler.name

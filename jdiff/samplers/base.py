@@ -81,6 +81,7 @@ def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, streng
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= config.num_train_timesteps:
         raise ConfigError(f"steps must be an integer in 1..{config.num_train_timesteps}, got {num_steps!r}.")
     start = img2img_start(num_steps, strength)
+    config = config.as_read_by(sampler.scheduler_class)
     arrays, init = sampler.levels(config, int(num_steps))
     length = config.num_train_timesteps + 1
 
