@@ -20,8 +20,8 @@ def parse_args(argv=None):
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed}")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--sampler", default="ddim", choices=jdiff.SAMPLERS)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=jdiff.SAMPLERS, help="default: the checkpoint's own scheduler")
+    p.add_argument("--steps", type=int, help="default: what diffusers' pipeline of the checkpoint runs (50 for SD)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
@@ -57,7 +57,9 @@ def main(argv=None) -> int:
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
         jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
-        settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, height=args.height,
+        default_sampler, default_steps = jdiff.checkpoint_sampling(pipe)
+        settings = dict(sampler=args.sampler or default_sampler, steps=args.steps or default_steps,
+                        guidance=args.guidance, height=args.height,
                         width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)

@@ -12,13 +12,13 @@ from jdiff.convert import (
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 from jdiff.families import FAMILIES, build, load_pipeline, save_pipeline
 from jdiff.families.base import Family, Pipeline
-from jdiff.pipeline import generate
+from jdiff.pipeline import checkpoint_sampling, generate
 from jdiff.samplers import SAMPLERS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "FAMILIES", "Family", "Pipeline", "SAMPLERS", "TrainingError", "build",
-    "generate", "load_pipeline", "save_pipeline",
+    "checkpoint_sampling", "generate", "load_pipeline", "save_pipeline",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "save_text_encoder", "save_unet", "save_vae",
 ]

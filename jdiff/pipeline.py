@@ -155,6 +155,12 @@ def _to_host(images) -> np.ndarray:
     return np.asarray(images)
 
 
+def checkpoint_sampling(pipe: Pipeline) -> tuple[str, int]:
+    """(sampler, steps) that diffusers' `pipe(prompt)` runs for this checkpoint: the sampler of its
+    scheduler's class and its pipeline's default step count."""
+    return samplers.for_scheduler(pipe.scheduler.class_name, pipe.scheduler.config), pipe.default_steps
+
+
 def generate(
     pipe: Pipeline,
     prompts: Union[str, Sequence[str]],
@@ -192,9 +198,10 @@ def generate(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ConfigError("no prompts given.")
-    sampler = sampler or samplers.for_scheduler(pipe.scheduler.class_name, pipe.scheduler.config)
+    default_sampler, default_steps = checkpoint_sampling(pipe)
+    sampler = sampler or default_sampler
     samplers.check_sampler(sampler)
-    steps = pipe.default_steps if steps is None else steps
+    steps = default_steps if steps is None else steps
     batch = len(prompts)
     negatives = _as_list(negative_prompts, batch, "negative_prompts")
     f = pipe.vae_scale_factor
