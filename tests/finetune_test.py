@@ -121,7 +121,7 @@ def test_first_step_loss_equals_diffusers_training_recipe(checkpoints, predictio
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         x0, eps = torch.from_numpy(nhwc_to_nchw(latents).copy()), torch.from_numpy(nhwc_to_nchw(noise).copy())
-        t = torch.from_numpy(timesteps).long()
+        t = torch.from_numpy(timesteps.copy()).long()
         noisy = noise_scheduler.add_noise(x0, eps, t)
         if noise_scheduler.config.prediction_type == "epsilon":
             target = eps

@@ -218,3 +218,36 @@ def test_bad_input_gets_a_clear_message(tiny, tmp_path, one_device):
     with pytest.warns(UserWarning, match="longer than the text encoder's 77 tokens"):
         images = jdiff.generate(pipe, "red " * 100, steps=1, mesh=one_device)
     assert images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("scheduler_class", ["PNDMScheduler", "UniPCMultistepScheduler", "LMSDiscreteScheduler"])
+def test_default_sampler_and_steps_are_the_checkpoints_own(tiny, scheduler_class, tmp_path, one_device):
+    """generate(pipe, prompts) with no sampler or steps runs what diffusers' pipe(prompts) runs: the
+    scheduler class the checkpoint ships, with the pipeline's default step count (50)."""
+    import dataclasses
+
+    import diffusers
+    from jdiff.schedules import read_scheduler_config
+
+    folder, reference, pipe = tiny
+    reference.scheduler = getattr(diffusers, scheduler_class).from_config(reference.scheduler.config)
+    reference.scheduler.save_config(tmp_path)
+    shipped = dataclasses.replace(pipe, scheduler=read_scheduler_config(tmp_path), _placed={})
+    assert jdiff.checkpoint_sampling(shipped)[1] == 50
+    latents = reference_latents(seed=4)
+    expected = reference(PROMPTS, latents=latents, guidance_scale=7.5, output_type="np").images
+    ours = jdiff.generate(shipped, PROMPTS, guidance=7.5, latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert 0.02 < expected.std()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+
+
+def test_a_scheduler_jdiff_cannot_run_is_named(tiny, tmp_path):
+    import dataclasses
+
+    from jdiff.schedules import Scheduler
+
+    _, _, pipe = tiny
+    unknown = dataclasses.replace(pipe, scheduler=Scheduler(pipe.scheduler.config, "KDPM2DiscreteScheduler"),
+                                  _placed={})
+    with pytest.raises(ConfigError, match="'KDPM2DiscreteScheduler' is not one jdiff can run; pass sampler="):
+        jdiff.generate(unknown, "a")
