@@ -25,7 +25,7 @@ from report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import jdiff  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jdiff import sharding  # noqa: E402
 from tiny_models import write_tiny_tokenizer  # noqa: E402
 
 MODELS = {
@@ -83,7 +83,7 @@ def loop_overhead(pipe, x, context, steps: int, repeats: int) -> dict:
     dispatched guided U-Net calls: what the fori_loop, the schedule lookups and the update cost."""
     from jdiff import guidance, samplers
 
-    plan = jax.tree.map(jnp.asarray, samplers.make_plan("ddim", pipe.scheduler, steps, explicit=pipe.scheduler_fields))
+    plan = jax.tree.map(jnp.asarray, samplers.make_plan("ddim", pipe.scheduler.config, steps, explicit=pipe.scheduler.explicit))
 
     def denoise_fn(params, x, t):
         unet = lambda x, t, c: pipe.unet.apply({"params": params}, x, t, c)
@@ -113,7 +113,7 @@ def bench(name: str, spec: dict, batch: int, repeats: int, folder: Path) -> dict
         reference = StableDiffusionPipeline.from_pretrained(folder)
         reference.set_progress_bar_config(disable=True)
     pipe = jdiff.load_pipeline(folder)
-    mesh = Mesh(jax.devices(), ("data",))
+    mesh = sharding.make_mesh({"data": -1})
     prompts = ["a red circle at the top left"] * batch
     size = pipe.default_size
     s1, s2 = spec["steps"]

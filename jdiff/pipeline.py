@@ -133,11 +133,6 @@ def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescal
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def default_mesh() -> Mesh:
-    """Every device of every host on the `data` axis: each device samples its own prompts."""
-    return sharding.make_mesh({"data": -1})
-
-
 def _placed_params(pipe: Pipeline, mesh: Mesh):
     """The weights laid out on `mesh`: replicated, except over a mesh's fsdp/tensor axes."""
     key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names, mesh.devices.shape)
@@ -239,7 +234,7 @@ def generate(
     use_cfg = guidance > 1 and not family.embeds_guidance(pipe.modules)
 
     # Pad the batch to a multiple of the batch axes (data x fsdp), shard it, drop the padding after.
-    mesh = mesh or default_mesh()
+    mesh = mesh or sharding.make_mesh({"data": -1})  # every device samples its own prompts
     size = sharding.batch_shards(mesh)
     padded = -(-batch // size) * size
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])

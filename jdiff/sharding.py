@@ -61,13 +61,21 @@ def mesh_shape(config, device_count: int) -> dict:
     return sizes
 
 
-def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process).
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
+    """The one mesh builder: a (data, fsdp, tensor) mesh over `devices` (default: every device of
+    every process), or over the first `num_devices` of them (0 = all; fewer is for single-process
+    tests and benchmarks).
 
     Devices are ordered by process, then by id, so the batch dimension (data x fsdp, row-major)
     gives each process one contiguous block of every global batch.
     """
     devices = list(devices if devices is not None else jax.devices())
+    if num_devices:
+        if num_devices > len(devices):
+            raise ConfigError(f"num_devices = {num_devices} but only {len(devices)} devices are visible.")
+        if num_devices < len(devices) and jax.process_count() > 1:
+            raise ConfigError("num_devices must be 0 (every device) when several processes train together.")
+        devices = devices[:num_devices]
     devices.sort(key=lambda d: (d.process_index, d.id))
     sizes = mesh_shape(mesh_config, len(devices))
     grid = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])

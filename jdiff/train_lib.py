@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jdiff import sharding
 from jdiff.checkpoint import Checkpoints
-from jdiff.errors import ConfigError, TrainingError
+from jdiff.errors import TrainingError
 
 
 @flax.struct.dataclass
@@ -95,18 +95,6 @@ def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, em
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
 
-def make_mesh(config) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh` over `config.num_devices` devices (0 = all
-    devices of all processes; a smaller count is for single-process tests and benchmarks)."""
-    devices = jax.devices()
-    count = config.get("num_devices", 0) or len(devices)
-    if count > len(devices):
-        raise ConfigError(f"num_devices = {count} but only {len(devices)} devices are visible.")
-    if count < len(devices) and jax.process_count() > 1:
-        raise ConfigError("num_devices must be 0 (every device) when several processes train together.")
-    return sharding.make_mesh(config.get("mesh", {"data": -1}), devices[:count])
-
-
 def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
     """Each process's batch (a pytree of arrays) becomes its slice of global arrays split over the data axis."""
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
@@ -171,7 +159,7 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = mesh or make_mesh(config)
+    mesh = mesh or sharding.make_mesh(config.get("mesh", {"data": -1}), num_devices=config.get("num_devices", 0))
     sharding.batch_size_per_process(mesh, total_batch)
     batch_sharding = sharding.batch_sharding(mesh)
     optimizer = make_optimizer(config)

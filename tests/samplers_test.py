@@ -184,20 +184,31 @@ def test_image_to_image_starts_part_way_as_diffusers_does(name):
     assert_same_trajectory(ours, reference)
 
 
-def test_step_count_and_strength_are_values_not_shapes():
-    plans = [samplers.make_plan("dpm++2m", SchedulerConfig.from_dict(SD), n, strength=s, explicit=frozenset(SD))
-             for n, s in [(5, 1.0), (30, 1.0), (20, 0.3)]]
+# One configuration per sampler (a representative of each plan layout and loop length).
+COMPILE_ONCE = [(name, SD) for name in samplers.SAMPLERS if name not in ("lcm", "flow_euler", "pndm")] + [
+    ("lcm", SD), ("flow_euler", {"shift": 3.0}), ("pndm", {**SD, "skip_prk_steps": True}),
+    ("pndm", {**SD, "skip_prk_steps": False}), ("unipc", {**SD, "solver_order": 3}),
+    ("dpm++_single", {**SD, "solver_order": 3}), ("heun", {**SD, "use_karras_sigmas": True})]
+
+
+@pytest.mark.parametrize("name,raw", COMPILE_ONCE, ids=[f"{c[0]}-{i}" for i, c in enumerate(COMPILE_ONCE)])
+def test_step_count_and_strength_are_values_not_shapes(name, raw):
+    counts = [(5, 1.0), (30, 1.0), (20, 0.3)] if name != "lcm" else [(2, 1.0), (8, 1.0), (6, 0.5)]
+    plans = [samplers.make_plan(name, SchedulerConfig.from_dict(raw), n, strength=s, explicit=frozenset(raw))
+             for n, s in counts]
     shapes = {(jax.tree.structure(p), tuple(np.shape(a) for a in jax.tree.leaves(p))) for p in plans}
     assert len(shapes) == 1
     traces = []
 
     @jax.jit
-    def run(x, plan):
+    def run(x, plan, keys):
         traces.append(1)
-        return samplers.sample(model_jax, x, plan)
+        return samplers.sample(model_jax, x, plan, keys)
 
-    outs = [run(jnp.ones(SHAPE), p) for p in plans]
+    keys = jax.random.split(jax.random.key(0), SHAPE[0])
+    outs = [run(jnp.ones(SHAPE), p, keys) for p in plans]
     assert len(traces) == 1
+    assert all(np.isfinite(o).all() for o in outs)
     assert not np.allclose(outs[0], outs[1])
 
 

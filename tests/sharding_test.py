@@ -15,7 +15,6 @@ from jdiff.app import stages
 from jdiff.app.shapes_tfds import load_shapes
 from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError
-from jdiff.models.unet import UNet2DConditionModel
 
 
 def mesh(**sizes):

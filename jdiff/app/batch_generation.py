@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jdiff import image_io
+from jdiff.batching import padded_batches
 from jdiff.pipeline import Pipeline, generate
 from jdiff.app.prompts import Job
 
@@ -58,11 +59,11 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     stats = RunStats(0, 0.0, 0.0, 0.0)
     images = []
     with tqdm(total=len(jobs), unit="img", desc="sampling", disable=not main) as bar:
-        for first in range(0, len(jobs), batch_size):
-            batch = jobs[first:first + batch_size]
-            padded = batch + [batch[-1]] * (batch_size - len(batch))
+        for indices, real in padded_batches(len(jobs), batch_size):
+            first, padded = indices[0], [jobs[i] for i in indices]
+            batch = padded[:real]
             result = generate(pipe, [j.prompt for j in padded], negative_prompts=[j.negative_prompt for j in padded],
-                              seed=[j.seed for j in padded], **settings)[:len(batch)]
+                              seed=[j.seed for j in padded], **settings)[:real]
             for k, (job, image) in enumerate(zip(batch, result) if main else ()):
                 parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                               "model": pipe.source, **metadata, **{key: v for key, v in settings.items() if _printable(v)}}

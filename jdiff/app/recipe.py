@@ -10,7 +10,6 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
     <workdir>/samples/grid.png, <workdir>/evaluation.json
 """
 
-import dataclasses
 import json
 from pathlib import Path
 

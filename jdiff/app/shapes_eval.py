@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from jdiff.app import shapes
+from jdiff.batching import map_batches, padded_batches
 from jdiff.data import decode_example, to_model_range
 
 _PALETTE = np.asarray([shapes.COLOUR_RGB[c] for c in shapes.COLOURS], np.float32) / 255.0
@@ -174,12 +175,9 @@ def vae_ceiling(pipe, source, count: int, batch_size: int = 50) -> dict:
     _, labels = first_objects(source, count)
     vae, params = pipe.vae, pipe.params["vae"]
     reconstruct = jax.jit(lambda p, x: vae.apply({"params": p}, x))
-    images = []
-    for start in range(0, len(labels), batch_size):
-        real = np.stack([source[i]["image"] for i in range(start, min(start + batch_size, len(labels)))])
-        rebuilt = reconstruct(params, to_model_range(real))
-        images.extend(np.clip(np.asarray(rebuilt, np.float32) * 0.5 + 0.5, 0.0, 1.0))
-    return score(images, labels)
+    real = to_model_range(np.stack([source[i]["image"] for i in range(len(labels))]))
+    rebuilt = map_batches(lambda batch: reconstruct(params, batch), real, batch_size)
+    return score(list(np.clip(rebuilt.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0)), labels)
 
 
 def evaluate_pipeline(pipe, source, *, num_prompts: int, guidances: Sequence[float], sampler: str, steps: int,
@@ -204,9 +202,8 @@ def generate_batched(pipe, captions: Sequence[str], *, guidance: float, sampler:
     from jdiff.pipeline import generate
 
     images = []
-    for start in range(0, len(captions), batch_size):
-        chunk = list(captions[start:start + batch_size])
-        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        images.extend(generate(pipe, padded, sampler=sampler, steps=steps, guidance=guidance, seed=seed + start)
-                      [:len(chunk)])
+    for indices, real in padded_batches(len(captions), batch_size):
+        batch = generate(pipe, [captions[i] for i in indices], sampler=sampler, steps=steps, guidance=guidance,
+                         seed=seed + indices[0])
+        images.extend(batch[:real])
     return images

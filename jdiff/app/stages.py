@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import families, losses
+from jdiff.batching import map_batches
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents, standardize_latents
@@ -52,8 +53,7 @@ def vae_stage(config, test_images: np.ndarray, module: AutoencoderKL | None = No
     reconstruct = jax.jit(lambda params, images: module.apply({"params": params}, images))
 
     def evaluate(params, step):
-        chunks = [np.asarray(reconstruct(params, test_images[i:i + 100])) for i in range(0, len(test_images), 100)]
-        reconstructions = np.concatenate(chunks)
+        reconstructions = map_batches(lambda images: reconstruct(params, images), test_images, 100)
         psnr = float(losses.psnr(jnp.asarray(reconstructions), jnp.asarray(test_images)))
         pairs = np.concatenate([test_images[:8], np.clip(reconstructions[:8], -1, 1)], axis=2)  # original | rebuilt
         return {"psnr": psnr, "reconstructions": np.concatenate(list(pairs), axis=0) * 0.5 + 0.5}
@@ -73,7 +73,7 @@ def random_window(images: jax.Array, size: int, rng) -> jax.Array:
 def posterior_means(module: AutoencoderKL, params, images: np.ndarray) -> np.ndarray:
     """The VAE posterior means of `images` ([N, H, W, 3] in [-1, 1]), in batches of 100."""
     encode = latent_encoder(module, params)
-    return np.concatenate([np.asarray(encode(images[i:i + 100])[0]) for i in range(0, len(images), 100)])
+    return map_batches(lambda batch: encode(batch)[0], images, 100)
 
 
 def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, latent_std: float = 0.0):

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from jdiff.batching import padded_batches
 from jdiff.data.loader import decode_example, to_model_range
 
 
@@ -34,15 +35,12 @@ def encode_source(encode: Callable[[np.ndarray], tuple], source, batch_size: int
     """Encodes every example of `source` (dicts with uint8 "image" and "caption") in fixed-size
     batches (the last one padded, so `encode` compiles once)."""
     means, logvars, captions = [], [], []
-    for start in tqdm(range(0, len(source), batch_size), desc="encoding latents", unit="batch",
-                      disable=not show_progress):
-        items = [decode_example(source[i]) for i in range(start, min(start + batch_size, len(source)))]
-        images = to_model_range(np.stack([item["image"] for item in items]))
-        count = len(images)
-        if count < batch_size:
-            images = np.concatenate([images, np.repeat(images[-1:], batch_size - count, axis=0)])
-        mean, logvar = encode(images)
-        means.append(np.asarray(mean)[:count])
-        logvars.append(np.asarray(logvar)[:count])
-        captions.extend(str(item.get("caption", "")) for item in items)
+    batches = padded_batches(len(source), batch_size)
+    for indices, real in tqdm(batches, total=-(-len(source) // batch_size), desc="encoding latents", unit="batch",
+                              disable=not show_progress):
+        items = [decode_example(source[i]) for i in indices]
+        mean, logvar = encode(to_model_range(np.stack([item["image"] for item in items])))
+        means.append(np.asarray(mean)[:real])
+        logvars.append(np.asarray(logvar)[:real])
+        captions.extend(str(item.get("caption", "")) for item in items[:real])
     return LatentSource(np.concatenate(means), np.concatenate(logvars), captions)

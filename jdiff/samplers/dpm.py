@@ -42,18 +42,24 @@ def dpm_noise(x0, noise, plan, i):
     return alpha * x0 + sigma * noise
 
 
-def _dpm_step(model_fn, x, i, plan, previous_x0, keys):
-    """DPM-Solver++ (2M): a second-order multistep update on the previous step's x0 estimate."""
-    config = plan.config
+def multistep_levels(plan, i):
+    """(alpha_s0, sigma_s0), (alpha_t, sigma_t) of step i and the one it moves to, and the log-SNR
+    steps h (this step) and h_0 (the previous one) that the 2M updates weigh."""
     alpha_s0, sigma_s0 = vp(plan.sigmas[i])
     alpha_t, sigma_t = vp(plan.sigmas[i + 1])
     alpha_s1, sigma_s1 = vp(plan.sigmas[jnp.maximum(i - 1, 0)])
-    out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
-    x0 = predicted_x0(out, x, alpha_s0, sigma_s0, config.prediction_type)
     lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
     lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
     lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    return (alpha_s0, sigma_s0), (alpha_t, sigma_t), lambda_t - lambda_s0, lambda_s0 - lambda_s1
+
+
+def _dpm_step(model_fn, x, i, plan, previous_x0, keys):
+    """DPM-Solver++ (2M): a second-order multistep update on the previous step's x0 estimate."""
+    config = plan.config
+    (alpha_s0, sigma_s0), (alpha_t, sigma_t), h, h_0 = multistep_levels(plan, i)
+    out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
+    x0 = predicted_x0(out, x, alpha_s0, sigma_s0, config.prediction_type)
     first = (sigma_t / sigma_s0) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
     d1 = (1.0 / (h_0 / h)) * (x0 - previous_x0)
     if config.solver_type == "midpoint":

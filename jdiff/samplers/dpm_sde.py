@@ -5,22 +5,16 @@ noise of standard deviation sigma_t * sqrt(1 - exp(-2h)) at every step."""
 
 import jax.numpy as jnp
 
-from jdiff.samplers.base import Sampler, step_noise, vp
-from jdiff.samplers.dpm import dpm_levels, dpm_noise, use_first_order
+from jdiff.samplers.base import Sampler, step_noise
+from jdiff.samplers.dpm import dpm_levels, dpm_noise, multistep_levels, use_first_order
 from jdiff.schedules import predicted_x0
 
 
 def _sde_step(model_fn, x, i, plan, previous_x0, keys):
     config = plan.config
-    alpha_s0, sigma_s0 = vp(plan.sigmas[i])
-    alpha_t, sigma_t = vp(plan.sigmas[i + 1])
-    alpha_s1, sigma_s1 = vp(plan.sigmas[jnp.maximum(i - 1, 0)])
+    (alpha_s0, sigma_s0), (alpha_t, sigma_t), h, h_0 = multistep_levels(plan, i)
     out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
     x0 = predicted_x0(out, x, alpha_s0, sigma_s0, config.prediction_type)
-    lambda_t = jnp.log(alpha_t) - jnp.log(sigma_t)
-    lambda_s0 = jnp.log(alpha_s0) - jnp.log(sigma_s0)
-    lambda_s1 = jnp.log(alpha_s1) - jnp.log(sigma_s1)
-    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
     # at the last step sigma_t = 0 makes h infinite: the update returns x0 and the noise term vanishes
     decay = sigma_t / sigma_s0 * jnp.exp(-h)
     gain = alpha_t * (1 - jnp.exp(-2.0 * h))
