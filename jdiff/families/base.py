@@ -22,7 +22,8 @@ class Family:
     load(folder, index, dtype, param_dtype) -> Pipeline; save(pipe, folder) -> model_index.json
       dict; from_config(config, ...) -> Pipeline (modules built from a run config, parameters only
       where given).
-    tokenize(pipe, prompts) -> dict of int32 [B, L] numpy arrays (the traced inputs of encode_prompts).
+    tokenize(pipe, prompts, warn=True) -> dict of int32 [B, L] numpy arrays (the traced inputs of
+      encode_prompts); warn: say which words a too-long prompt loses (generation, not training).
     encode_prompts(modules, params, tokens, clip_skip) -> conditioning pytree, batch-major.
     denoiser(modules, params, guidance) -> model_fn(x, t, conditioning, extra_channels=None): one
       call of the denoiser in the scheduler's prediction type; `guidance` reaches it only where
