@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import jdiff
 from configs import tiny
@@ -17,7 +16,7 @@ from jdiff import losses, schedules
 from jdiff.app import recipe, stages
 from jdiff.errors import ConfigError
 from parity import nhwc_to_nchw
-from tiny_models import make_tiny_sd_pipeline
+from tiny_models import make_tiny_sd_pipeline, write_captioned_pictures
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -33,13 +32,7 @@ def checkpoints(tmp_path_factory):
         config_file = folder / "scheduler" / "scheduler_config.json"
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": prediction_type}))
         folders[prediction_type] = folder
-    images = root / "pictures"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a red circle" if i % 2 else "circle")
-    return folders, images
+    return folders, write_captioned_pictures(root / "pictures", 32, 32)
 
 
 def finetune_config(base, images, **diffusion):

@@ -55,3 +55,16 @@ def make_tiny_sd_pipeline(folder, *, in_channels=4, time_cond_proj_dim=None, see
     # Reload, so the reference reads the same files as jdiff (an in-memory scheduler config also
     # remembers which fields were defaults, which changes what `from_config` picks).
     return cls.from_pretrained(folder)
+
+
+def write_captioned_pictures(folder, height: int, width: int, count: int = 8):
+    """`count` random pictures with same-name .txt captions: an image folder to fine-tune on."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red circle" if i % 2 else "circle")
+    return folder

@@ -22,7 +22,7 @@ from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError, TrainingError
 from jdiff.image_io import read_png_parameters
 from jdiff.losses import sample_timesteps
-from tiny_models import make_tiny_sd_pipeline
+from tiny_models import make_tiny_sd_pipeline, write_captioned_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,12 +210,7 @@ def test_killed_during_an_asynchronous_save_resumes_from_the_last_complete_check
 def test_fine_tune_a_diffusers_checkpoint_on_an_image_folder(tmp_path):
     base = tmp_path / "base"
     make_tiny_sd_pipeline(base)
-    images = tmp_path / "my_pictures"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text("a red circle" if i % 2 else "circle")
+    images = write_captioned_pictures(tmp_path / "my_pictures", 40, 48)
     config = tiny.get_config()
     config.pretrained = str(base)
     config.stages = "diffusion"
