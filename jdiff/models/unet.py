@@ -1,6 +1,8 @@
-"""Text-conditioned U-Net (Stable Diffusion 1.x / 2.x), the Flax twin of diffusers' UNet2DConditionModel.
+"""Text-conditioned U-Net (Stable Diffusion 1.x / 2.x / XL), the Flax twin of diffusers' UNet2DConditionModel.
 
 Call: `unet.apply({"params": p}, x[B,H,W,C], t[B], context[B,L,D])` -> prediction [B,H,W,C_out].
+SDXL (addition_embed_type="text_time") also takes
+`added_cond={"text_embeds": pooled[B,P], "time_ids": ids[B,K]}`, diffusers' `added_cond_kwargs`.
 """
 
 import dataclasses
@@ -23,11 +25,11 @@ MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 # diffusers UNet2DConditionModel arguments that jdiff does not implement, with the value accepted.
 _UNSUPPORTED = {
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "dual_cross_attention": False, "class_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_skip_time_act": False,
+    "num_class_embeds": None, "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_act_fn": None,
-    "timestep_post_act": None, "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "timestep_post_act": None, "attention_type": "default",
     "class_embeddings_concat": False, "cross_attention_norm": None,
     "dropout": 0.0,
 }
@@ -55,7 +57,11 @@ class UNetConfig:
     norm_num_groups: Optional[int] = 32
     norm_eps: float = 1e-5
     cross_attention_dim: IntOrTuple = 1280
+    # Transformer depth: one int, one per block, or (nested) one per attention of each block.
     transformer_layers_per_block: IntOrTuple = 1
+    # The up blocks' depths, one entry per up block (int or one per attention); None: the down
+    # blocks' per-block values reversed. Needed when transformer_layers_per_block is nested.
+    reverse_transformer_layers_per_block: Optional[tuple] = None
     # Legacy diffusers naming: with num_attention_heads unset, attention_head_dim is the head *count*.
     attention_head_dim: IntOrTuple = 8
     num_attention_heads: Optional[IntOrTuple] = None
@@ -69,8 +75,12 @@ class UNetConfig:
     mid_block_only_cross_attention: Optional[bool] = None
     # "text": an attention-pooled summary of the text is added to the time embedding, so every
     # ResNet sees the prompt (diffusers' TextTimeEmbedding, as in DeepFloyd IF).
+    # "text_time" (SDXL): the pooled text embedding and sinusoidal embeddings of the micro-
+    # conditioning ids (sizes, crop, aesthetic score) go through `add_embedding`, added likewise.
     addition_embed_type: Optional[str] = None
     addition_embed_type_num_heads: int = 64
+    addition_time_embed_dim: Optional[int] = None  # sinusoid width of each time id ("text_time")
+    projection_class_embeddings_input_dim: Optional[int] = None  # P + K * addition_time_embed_dim
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "unet config") -> "UNetConfig":
@@ -95,6 +105,53 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
+    def _attentions(self, index: int, up: bool) -> int:
+        return self.per_block("layers_per_block")[index] + (1 if up else 0)
+
+    def transformer_depths(self, index: int, up: bool = False) -> tuple:
+        """Transformer layers of each attention in down block `index` (or in the up block at the
+        same level, `index` counting down-path blocks), as diffusers expands them."""
+        if up and self.reverse_transformer_layers_per_block is not None:
+            entry = self.reverse_transformer_layers_per_block[self.num_blocks - 1 - index]
+        else:
+            entry = self.per_block("transformer_layers_per_block")[index]
+        n = self._attentions(index, up)
+        # diffusers reads the first n entries of a per-attention list (the mid block reads one).
+        return entry[:n] if isinstance(entry, tuple) else (entry,) * n
+
+    @property
+    def mid_transformer_depth(self) -> int:
+        entry = self.per_block("transformer_layers_per_block")[-1]
+        return entry[0] if isinstance(entry, tuple) else entry
+
+    def _validate_depths(self, source: str) -> None:
+        n = self.num_blocks
+        down = per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block", source)
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None and any(isinstance(d, tuple) for d in down):
+            raise ConfigError(f"{source}: a nested transformer_layers_per_block (one depth per attention) needs "
+                              "reverse_transformer_layers_per_block for the up blocks, as in diffusers.")
+        if reverse is not None and (not isinstance(reverse, tuple) or len(reverse) != n):
+            raise ConfigError(f"{source}: reverse_transformer_layers_per_block needs one entry per up block "
+                              f"({n}), got {reverse!r}.")
+        for up, types, entries in ((False, self.down_block_types, down),
+                                   (True, self.up_block_types[::-1], reverse[::-1] if reverse else down)):
+            for i, (kind, entry) in enumerate(zip(types, entries)):
+                needed = self._attentions(i, up)
+                if kind.startswith("CrossAttn") and isinstance(entry, tuple) and len(entry) < needed:
+                    field = "reverse_transformer_layers_per_block" if up and reverse else "transformer_layers_per_block"
+                    raise ConfigError(f"{source}: {field} gives {len(entry)} depths for {kind} at level {i}, "
+                                      f"which has {needed} attentions.")
+
+    def _validate_text_time(self, source: str) -> None:
+        for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if not getattr(self, name):
+                raise ConfigError(f"{source}: addition_embed_type 'text_time' needs {name}.")
+        if self.projection_class_embeddings_input_dim <= self.addition_time_embed_dim:
+            raise ConfigError(f"{source}: projection_class_embeddings_input_dim "
+                              f"{self.projection_class_embeddings_input_dim} leaves no room for the text embeddings "
+                              f"next to time ids of width addition_time_embed_dim {self.addition_time_embed_dim}.")
+
     def validate(self, source: str) -> None:
         n = self.num_blocks
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
@@ -105,9 +162,9 @@ class UNetConfig:
             for name in kind:
                 if name not in allowed:
                     raise ConfigError(f"{source}: block type {name!r} is not supported; use one of {allowed}.")
-        for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                     "only_cross_attention"):
+        for name in ("layers_per_block", "cross_attention_dim", "only_cross_attention"):
             per_block(getattr(self, name), n, name, source)
+        self._validate_depths(source)
         heads = per_block(self.num_attention_heads or self.attention_head_dim, n, "attention heads", source)
         groups = self.norm_num_groups
         for channels, h in zip(self.block_out_channels, heads):
@@ -115,12 +172,15 @@ class UNetConfig:
                 raise ConfigError(f"{source}: {channels} channels do not split into {h} attention heads.")
             if groups and channels % groups:
                 raise ConfigError(f"{source}: {channels} channels do not split into {groups} norm groups.")
-        if self.addition_embed_type not in (None, "text"):
+        if self.addition_embed_type not in (None, "text", "text_time"):
             raise ConfigError(f"{source}: addition_embed_type {self.addition_embed_type!r} is not supported; "
-                              "use None or 'text'.")
-        if self.addition_embed_type and not isinstance(self.cross_attention_dim, int):
+                              "use None, 'text' or 'text_time'.")
+        if self.addition_embed_type == "text_time":
+            self._validate_text_time(source)
+        text = self.addition_embed_type == "text"
+        if text and not isinstance(self.cross_attention_dim, int):
             raise ConfigError(f"{source}: addition_embed_type 'text' needs one cross_attention_dim.")
-        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+        if text and self.cross_attention_dim % self.addition_embed_type_num_heads:
             raise ConfigError(f"{source}: cross_attention_dim {self.cross_attention_dim} does not split into "
                               f"addition_embed_type_num_heads = {self.addition_embed_type_num_heads}.")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
@@ -129,14 +189,37 @@ class UNetConfig:
         layers.activation(self.act_fn)
 
 
-def example_inputs(config: UNetConfig) -> tuple:
-    """Smallest inputs that reach every parameter (for `init` under `jax.eval_shape`)."""
+def text_time_widths(config: UNetConfig, num_time_ids: int) -> tuple[int, int]:
+    """(text_embeds width P, time_ids count K) of a "text_time" U-Net given K.
+
+    The checkpoint fixes only P + K * addition_time_embed_dim (projection_class_embeddings_input_dim);
+    the split is the pipeline's: SDXL base passes 6 ids (original size, crop corner, target size),
+    the refiner 5 (original size, crop corner, aesthetic score), both with P = 1280 (the second
+    text encoder's projection_dim).
+    """
+    p = config.projection_class_embeddings_input_dim - num_time_ids * config.addition_time_embed_dim
+    if p <= 0:
+        raise ValueError(f"{num_time_ids} time ids of width addition_time_embed_dim {config.addition_time_embed_dim} "
+                         f"leave no room in projection_class_embeddings_input_dim "
+                         f"{config.projection_class_embeddings_input_dim} for the text embeddings.")
+    return p, num_time_ids
+
+
+def example_inputs(config: UNetConfig, num_time_ids: int = 1, batch: int = 1) -> tuple:
+    """Smallest inputs that reach every parameter (for `init` under `jax.eval_shape`).
+
+    A "text_time" U-Net's parameters depend only on P + K * addition_time_embed_dim, so any split
+    reaches them all; the default, one time id, fits every valid config. Pass SDXL's 6 (base) or 5
+    (refiner) for inputs shaped like that pipeline's.
+    """
     size = 2 ** (config.num_blocks - 1)
     cross = config.per_block("cross_attention_dim")[0]
-    args = (jnp.zeros((1, size, size, config.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, cross)))
-    if config.time_cond_proj_dim:
-        args += (jnp.zeros((1, config.time_cond_proj_dim)),)
-    return args
+    args = (jnp.zeros((batch, size, size, config.in_channels)), jnp.zeros((batch,)), jnp.zeros((batch, 1, cross)),
+            jnp.zeros((batch, config.time_cond_proj_dim)) if config.time_cond_proj_dim else None)
+    if config.addition_embed_type == "text_time":
+        p, k = text_time_widths(config, num_time_ids)
+        return args + ({"text_embeds": jnp.zeros((batch, p)), "time_ids": jnp.zeros((batch, k))},)
+    return args if args[-1] is not None else args[:-1]
 
 
 class TimestepEmbedding(nn.Module):
@@ -154,6 +237,49 @@ class TimestepEmbedding(nn.Module):
             emb = emb + layers.dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(cond)
         emb = layers.dense(self.features, name="linear_1", **kw)(emb)
         return layers.dense(self.features, name="linear_2", **kw)(layers.activation(self.act_fn)(emb))
+
+
+# The architectural fields of the released SDXL `unet/config.json` files (the rest are diffusers'
+# defaults), as data: `UNetConfig.from_dict(SDXL_BASE)`, or diffusers' `UNet2DConditionModel(**SDXL_BASE)`.
+SDXL_BASE = dict(  # stabilityai/stable-diffusion-xl-base-1.0: 2.57B parameters
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+)
+SDXL_REFINER = dict(  # stabilityai/stable-diffusion-xl-refiner-1.0: 2.26B parameters
+    sample_size=128, block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560,  # 1280 pooled text + 5 time ids x 256
+)
+
+
+def text_time_input(config: UNetConfig, added_cond: Optional[dict]) -> jax.Array:
+    """SDXL's micro-conditioning ("text_time"): the pooled text [B, P], then the sinusoidal embedding
+    of each time id, flattened to [B, P + K * addition_time_embed_dim] for `add_embedding`."""
+    missing = [k for k in ("text_embeds", "time_ids") if added_cond is None or k not in added_cond]
+    if missing:
+        raise ValueError("this U-Net has addition_embed_type 'text_time' (SDXL): pass added_cond="
+                         f"{{'text_embeds': [B, P], 'time_ids': [B, K]}}; missing {', '.join(missing)}.")
+    text, ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+    if text.ndim != 2 or ids.ndim != 2:
+        raise ValueError(f"added_cond: text_embeds must be [B, P] and time_ids [B, K]; got shapes "
+                         f"{text.shape} and {ids.shape}.")
+    width = text.shape[1] + ids.shape[1] * config.addition_time_embed_dim
+    if width != config.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"added_cond: text_embeds width {text.shape[1]} + {ids.shape[1]} time_ids x addition_time_embed_dim "
+            f"{config.addition_time_embed_dim} = {width}, but projection_class_embeddings_input_dim is "
+            f"{config.projection_class_embeddings_input_dim}.")
+    batch, k = ids.shape
+    ids = layers.timestep_embedding(ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos,
+                                    config.freq_shift).reshape(batch, k * config.addition_time_embed_dim)
+    return jnp.concatenate([text.astype(jnp.float32), ids], axis=-1)
 
 
 class AttentionPooling(nn.Module):
@@ -287,11 +413,10 @@ class _Block(nn.Module):
         return cls(cfg.block_out_channels[self.index], cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn,
                    cfg.resnet_time_scale_shift, scale, name=name, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def transformer(self, name: str, only_cross: bool):
+    def transformer(self, name: str, only_cross: bool, depth: int):
         cfg = self.config
         cls = nn.remat(Transformer2D) if self.gradient_checkpointing else Transformer2D
-        return cls(cfg.heads[self.index], cfg.per_block("transformer_layers_per_block")[self.index],
-                   cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
+        return cls(cfg.heads[self.index], depth, cfg.norm_num_groups, cfg.use_linear_projection, only_cross, cfg.upcast_attention,
                    name=name, dtype=self.dtype, param_dtype=self.param_dtype)
 
     @property
@@ -310,7 +435,8 @@ class DownBlock(_Block):
         for j in range(cfg.per_block("layers_per_block")[i]):
             x = self.resnet(f"resnets_{j}")(x, temb)
             if attention:
-                x = self.transformer(f"attentions_{j}", self.only_cross)(x, context)
+                depth = cfg.transformer_depths(i)[j]
+                x = self.transformer(f"attentions_{j}", self.only_cross, depth)(x, context)
             skips.append(x)
         if i < cfg.num_blocks - 1:
             x = layers.Downsample2D(cfg.block_out_channels[i], cfg.downsample_padding, name="downsamplers_0",
@@ -330,7 +456,7 @@ class MidBlock(_Block):
             return x
         # diffusers' UNetMidBlock2DCrossAttn always has self-attention: (mid_block_)only_cross_attention
         # reaches only the SimpleCrossAttn mid block, which jdiff does not implement.
-        x = self.transformer("attentions_0", False)(x, context)
+        x = self.transformer("attentions_0", False, cfg.mid_transformer_depth)(x, context)
         return self.resnet("resnets_1", cfg.mid_block_scale_factor)(x, temb)
 
 
@@ -347,7 +473,8 @@ class UpBlock(_Block):
             x = jnp.concatenate([x, skips[-1 - j]], axis=-1)
             x = self.resnet(f"resnets_{j}")(x, temb)
             if attention:
-                x = self.transformer(f"attentions_{j}", self.only_cross)(x, context)
+                depth = cfg.transformer_depths(i, up=True)[j]
+                x = self.transformer(f"attentions_{j}", self.only_cross, depth)(x, context)
         if upsample_size is not None:
             x = layers.Upsample2D(cfg.block_out_channels[i], name="upsamplers_0", dtype=self.dtype,
                                   param_dtype=self.param_dtype)(x, upsample_size)
@@ -362,7 +489,7 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-                 timestep_cond: Optional[jax.Array] = None) -> jax.Array:
+                 timestep_cond: Optional[jax.Array] = None, added_cond: Optional[dict] = None) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(gradient_checkpointing=self.gradient_checkpointing, **kw)
@@ -374,6 +501,10 @@ class UNet2DConditionModel(nn.Module):
         if cfg.addition_embed_type == "text":
             temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
                                             name="add_embedding", **kw)(context.astype(self.dtype))
+        elif cfg.addition_embed_type == "text_time":
+            # diffusers builds add_embedding with its default SiLU, whatever the config's act_fn.
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", **kw)(
+                text_time_input(cfg, added_cond).astype(self.dtype))
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
