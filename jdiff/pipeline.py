@@ -85,6 +85,9 @@ class _Static:
     use_cfg: bool
     clip_skip: int
     given_noise: bool
+    from_latents: bool  # the start is given as latents (a base model's hand-off), not as an image
+    add_noise: bool  # noise the start to the first step's level (not when continuing a hand-off)
+    output_latents: bool  # return the final latents instead of decoding them
 
 
 def _encode_image(vae, params, images):
@@ -108,9 +111,12 @@ def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescal
     known, extra = None, None
     x = samplers.initial_latents(noise, plan)
     if static.mode != "text":
-        image = image * 2 - 1
-        image_latents = _encode_image(vae, params["vae"], image)
-        noised = samplers.noised_latents(image_latents, noise, plan)
+        if static.from_latents:
+            image_latents = image
+        else:
+            image = image * 2 - 1
+            image_latents = _encode_image(vae, params["vae"], image)
+        noised = samplers.noised_latents(image_latents, noise, plan) if static.add_noise else image_latents
         x = noised if static.mode == "image" else jnp.where(plan.start == 0, x, noised)
     if static.mode == "inpaint":
         f = vae.config.downscale
@@ -129,6 +135,8 @@ def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescal
         denoise = guidance_lib.unguided(model_fn, cond, extra)
 
     latents = samplers.sample(denoise, x, plan, step_keys, known=known)
+    if static.output_latents:
+        return latents
     images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, latents), method="decode")
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -163,7 +171,7 @@ def generate(
     negative_prompts: Union[None, str, Sequence[str]] = None,
     sampler: Optional[str] = None,
     steps: Optional[int] = None,
-    guidance: float = 7.5,
+    guidance: Optional[float] = None,
     seed: Union[int, Sequence[int]] = 0,
     height: Optional[int] = None,
     width: Optional[int] = None,
@@ -175,8 +183,23 @@ def generate(
     guidance_rescale: float = 0.0,
     clip_skip: int = 0,
     mesh: Optional[Mesh] = None,
+    init_latents=None,
+    denoising_start: Optional[float] = None,
+    denoising_end: Optional[float] = None,
+    output_type: str = "np",
+    original_size=None,
+    crops_coords_top_left=None,
+    target_size=None,
+    negative_original_size=None,
+    negative_crops_coords_top_left=None,
+    negative_target_size=None,
+    aesthetic_score=None,
+    negative_aesthetic_score=None,
 ) -> np.ndarray:
-    """Images [B, H, W, 3] in [0, 1] for `prompts`.
+    """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
+
+    guidance: classifier-free guidance scale (<= 1: none); by default diffusers' default for the
+      family (7.5 for SD 1.x/2.x, 5.0 for SDXL).
 
     latents: NHWC starting noise [B, H/8, W/8, C] before the sampler's initial scaling (diffusers'
       `latents=` after a transpose); by default drawn from each image's seed.
@@ -189,20 +212,61 @@ def generate(
     sampler, steps: by default the checkpoint's own scheduler (scheduler_config.json's
       `_class_name`) and the step count diffusers' pipeline of this checkpoint runs.
     seed: an int s gives image b the seed s + b; or one seed per image.
+    init_latents: [B, h, w, C] latents to start from instead of an init_image, as a model's own
+      latents (diffusers' `image=latents`): noised per `strength`, or taken as they are with
+      `denoising_start` (a refiner continuing a base model's `denoising_end`).
+    denoising_start, denoising_end: fractions in (0, 1) of the noise levels where this run starts
+      or stops (diffusers' SDXL base/refiner hand-off); with denoising_end pass
+      output_type="latent" and give the result to the refiner's init_latents.
+    output_type: "np" (images) or "latent" (the final latents [B, h, w, C], not decoded).
+    original_size, crops_coords_top_left, target_size and their negative_ counterparts,
+      aesthetic_score, negative_aesthetic_score: SDXL's micro-conditioning, with diffusers'
+      defaults ((height, width), (0, 0), (height, width), 6.0, 2.5); a (height, width) pair or one
+      pair per prompt.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ConfigError("no prompts given.")
     default_sampler, default_steps = checkpoint_sampling(pipe)
+    guidance = pipe.family.default_guidance if guidance is None else guidance
     sampler = sampler or default_sampler
     samplers.check_sampler(sampler)
     steps = default_steps if steps is None else steps
     batch = len(prompts)
     negatives = _as_list(negative_prompts, batch, "negative_prompts")
     f = pipe.vae_scale_factor
+    if output_type not in ("np", "latent"):
+        raise ConfigError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    options = {name: value for name, value in dict(
+        original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+        negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
+        negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score).items() if value is not None}
+    if options and pipe.family.extra_conditioning is None:
+        raise ConfigError(f"{', '.join(options)}: micro-conditioning that {pipe.family.name} models do not take "
+                          "(SDXL's).")
 
     image = mask_array = None
     mode = "text"
+    if init_image is not None and init_latents is not None:
+        raise ConfigError("give init_image or init_latents, not both.")
+    if init_latents is not None:
+        image = np.asarray(init_latents, np.float32)
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[0] not in (1, batch) or image.shape[-1] != pipe.latent_channels:
+            raise ConfigError(f"init_latents must be [B, h, w, {pipe.latent_channels}] latents for {batch} prompts "
+                              f"(NHWC), got shape {np.shape(init_latents)}.")
+        if not np.all(np.isfinite(image)):
+            raise ConfigError("init_latents contain NaN or infinite values.")
+        image = np.repeat(image, batch, axis=0) if image.shape[0] == 1 else image
+        mode = "image"
+        height, width = height or image.shape[1] * f, width or image.shape[2] * f
+        if image.shape[1:3] != (height // f, width // f):
+            raise ConfigError(f"init_latents are {image.shape[2]}x{image.shape[1]}, the latents of a "
+                              f"{image.shape[2] * f}x{image.shape[1] * f} image, but {width}x{height} was asked for.")
+    if denoising_start is not None and mode == "text":
+        raise ConfigError("denoising_start continues from an image or latents: pass init_latents (or init_image).")
     if init_image is not None:
         image = _images(init_image, "init_image", batch, 3)
         mode = "image"
@@ -211,7 +275,7 @@ def generate(
         if image.shape[1:3] != (height, width):
             raise ConfigError(f"init_image is {image.shape[2]}x{image.shape[1]} but {width}x{height} was asked for.")
     if mask is not None:
-        if image is None:
+        if init_image is None:
             raise ConfigError("mask needs an init_image to inpaint.")
         mask_array = _images(mask, "mask", batch, 1)
         if mask_array.shape[1:3] != image.shape[1:3]:
@@ -229,7 +293,8 @@ def generate(
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
     plan = samplers.make_plan(sampler, pipe.scheduler.config, steps, strength=strength if mode != "text" else 1.0,
-                              eta=eta, explicit=pipe.scheduler.explicit)
+                              eta=eta, explicit=pipe.scheduler.explicit, denoising_start=denoising_start,
+                              denoising_end=denoising_end)
     family = pipe.family
     use_cfg = guidance > 1 and not family.embeds_guidance(pipe.modules)
 
@@ -238,8 +303,12 @@ def generate(
     size = sharding.batch_shards(mesh)
     padded = -(-batch // size) * size
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
-    batch_inputs = (family.tokenize(pipe, prompts), family.tokenize(pipe, negatives), _seeds(seed, batch),
-                    latents, image, mask_array)
+    extra, negative_extra = {}, {}
+    if family.extra_conditioning is not None:
+        extra, negative_extra = family.extra_conditioning(pipe, batch, height, width, options,
+                                                          negative_prompts is not None)
+    batch_inputs = ({**family.tokenize(pipe, prompts), **extra}, {**family.tokenize(pipe, negatives), **negative_extra},
+                    _seeds(seed, batch), latents, image, mask_array)
     sharded = sharding.batch_sharding(mesh)
     tokens, negative_tokens, seeds, noise, image, mask_array = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
@@ -247,7 +316,8 @@ def generate(
     plan, scale, rescale = jax.tree.map(lambda a: sharding.put(a, replicated),
                                         (plan, np.float32(guidance), np.float32(guidance_rescale)))
     static = _Static(family, tuple(sorted(pipe.modules.items())), (padded,) + latent_shape[1:], mode, use_cfg,
-                     clip_skip, latents is not None)
+                     clip_skip, latents is not None, init_latents is not None, denoising_start is None,
+                     output_type == "latent")
     images = _generate(_placed_params(pipe, mesh), tokens, negative_tokens, seeds, noise, plan, scale, rescale,
                        image, mask_array, static=static)
     return _to_host(images)[:batch]

@@ -68,3 +68,53 @@ def write_captioned_pictures(folder, height: int, width: int, count: int = 8):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text("a red circle" if i % 2 else "circle")
     return folder
+
+
+SDXL_SCHEDULER = dict(SD_SCHEDULER, interpolation_type="linear", timestep_spacing="leading", use_karras_sigmas=False)
+SDXL_TIME_EMBED = 8  # addition_time_embed_dim of the tiny U-Nets
+SDXL_POOLED = 32  # projection_dim of the second text encoder
+
+
+def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10):
+    """A StableDiffusionXLPipeline (or, refiner=True, an Img2Img refiner with only the second text
+    encoder and aesthetic-score time ids) with random weights, shaped like SDXL in miniature: a
+    level without attention, two transformer layers at the next, linear projections, two CLIP
+    encoders (the second with a projection and gelu, as OpenCLIP bigG) concatenated to 64 features."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = write_tiny_tokenizer(folder / "_tokenizer_src")
+    src = folder / "_tokenizer_src"
+    tokenizer_2 = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77, pad_token="!")
+    text_kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                   max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text = None if refiner else CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **text_kw))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, hidden_act="gelu",
+                                                        projection_dim=SDXL_POOLED, **text_kw))
+    time_ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=32 if refiner else 64, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=SDXL_TIME_EMBED * time_ids + SDXL_POOLED)
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, scaling_factor=0.13025, force_upcast=True)
+    for i, (module, scale) in enumerate(((unet, 1.5), (vae, 0.7), (text, 0.3), (text_2, 0.3))):
+        if module is not None:
+            randomize_torch(module, scale=scale, seed=seed + i)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)  # as SDXL ships it, with DDIM-era fields
+    if refiner:
+        cls = StableDiffusionXLImg2ImgPipeline
+        pipe = cls(vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None, tokenizer_2=tokenizer_2,
+                   unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    else:
+        cls = StableDiffusionXLPipeline
+        pipe = cls(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                   unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return cls.from_pretrained(folder)

@@ -32,6 +32,10 @@ class Family:
       guidance-distilled models) and so runs no unconditional half.
     inpainting_channels(modules): True when the denoiser takes mask and masked-image channels.
     init_params(modules, names, rng, latent_shape) -> {name: params} for training from scratch.
+    extra_conditioning(pipe, batch, height, width, options, negatives_given) -> (dict, dict) of
+      numpy arrays [B, ...] added to the positive and negative prompts' tokens: conditioning that
+      is not text (SDXL's size and crop ids). `options`: generate()'s family-specific keywords
+      (only the ones the caller set); a family refuses the ones it does not know.
     """
 
     name: str
@@ -47,6 +51,8 @@ class Family:
     embeds_guidance: Callable
     inpainting_channels: Callable
     init_params: Callable
+    extra_conditioning: Callable = None
+    default_guidance: float = 7.5  # diffusers' guidance_scale default for the family's pipelines
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,6 +68,7 @@ class Pipeline:
     params: dict
     source: str = ""
     pipeline_class: str = ""  # model_index.json's `_class_name`
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model_index.json's own options
     _placed: dict = dataclasses.field(default_factory=dict, repr=False)  # params per mesh (generate)
 
     def __getattr__(self, name):

@@ -104,14 +104,24 @@ def example_inputs(config: VAEConfig) -> tuple:
     return (jnp.zeros((1, size, size, config.in_channels)),)
 
 
+def _channel_stats(config: VAEConfig):
+    """Per-channel (mean, std) of the latents when the config records them (some SDXL VAEs), as
+    diffusers' SDXL pipelines apply them; (shift_factor, 1) otherwise."""
+    if config.latents_mean is not None and config.latents_std is not None:
+        return jnp.asarray(config.latents_mean, jnp.float32), jnp.asarray(config.latents_std, jnp.float32)
+    return config.shift_factor or 0.0, 1.0
+
+
 def scale_latents(config: VAEConfig, z: jax.Array) -> jax.Array:
     """VAE latents -> diffusion latents (roughly unit variance)."""
-    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+    mean, std = _channel_stats(config)
+    return ((z - mean) * config.scaling_factor / std).astype(z.dtype)
 
 
 def unscale_latents(config: VAEConfig, z: jax.Array) -> jax.Array:
     """Diffusion latents -> VAE latents, ready for `decode`."""
-    return z / config.scaling_factor + (config.shift_factor or 0.0)
+    mean, std = _channel_stats(config)
+    return (z * std / config.scaling_factor + mean).astype(z.dtype)
 
 
 def standardize_latents(config: VAEConfig, params, mean, std) -> tuple[VAEConfig, Any]:

@@ -57,16 +57,19 @@ def sampler_config(name: str, config: SchedulerConfig, explicit: frozenset = fro
 
 
 def make_plan(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0, eta: float = 0.0,
-              explicit: frozenset | None = None) -> Plan:
+              explicit: frozenset | None = None, denoising_start=None, denoising_end=None) -> Plan:
     """The schedule of sampler `name` for `num_steps` steps, as numpy arrays of a fixed length.
 
     `config`: the checkpoint's scheduler settings; with `explicit` (the fields its file sets) they
     are first read as the sampler's diffusers class would (`sampler_config`), otherwise taken as
-    already read. `strength` < 1 starts part-way (image-to-image).
+    already read. `strength` < 1 starts part-way (image-to-image); `denoising_start` /
+    `denoising_end` (fractions of the noise levels, diffusers' SDXL base/refiner hand-off) start or
+    stop the loop at the step where the timesteps cross that fraction.
     """
     sampler = get(name)
     config = config.for_sampler(sampler.class_defaults, explicit) if explicit is not None else config
-    return build_plan(sampler, config.for_sampler(sampler.forced, frozenset()), num_steps, strength, eta)
+    return build_plan(sampler, config.for_sampler(sampler.forced, frozenset()), num_steps, strength, eta,
+                      denoising_start, denoising_end)
 
 
 
@@ -82,7 +85,7 @@ def noised_latents(x0, noise, plan: Plan, level=None):
 
 
 def sample(model_fn, x, plan: Plan, keys=None, known=None):
-    """Runs the plan's sampler from `x` over its steps `start..num_steps-1`; returns the latents.
+    """Runs the plan's sampler from `x` over its steps `start..stop-1`; returns the latents.
 
     known: optional `(x0, mask, noise)` for inpainting with an ordinary model: after every step the
     region where mask == 0 is replaced by `x0` noised to the new level (diffusers' blending).

@@ -27,6 +27,7 @@ class Plan:
     arrays: dict  # what the update rule reads, each [L, ...] float32 (entries from num_steps on are padding)
     num_steps: Any  # int32 scalar: loop iterations (the step count, unless the sampler's loop_length differs)
     start: Any  # int32 scalar: the first step run (image-to-image skips the noisiest ones)
+    stop: Any  # int32 scalar: the loop's end (num_steps, or earlier to hand off mid-way: denoising_end)
     init_noise_sigma: Any  # float32 scalar: scale of pure-noise starting latents
     eta: Any  # float32 scalar: DDIM's stochasticity (0 = deterministic)
     sampler: str = struct.field(pytree_node=False)  # the name of the Sampler whose rule runs it
@@ -75,12 +76,48 @@ def img2img_start(num_steps: int, strength: float) -> int:
     return start
 
 
+def _fraction(value, name: str) -> float:
+    if not isinstance(value, (float, int, np.floating)) or not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} must be a fraction strictly between 0 and 1, got {value!r}.")
+    return float(value)
+
+
+def handoff_range(sampler: Sampler, timesteps: np.ndarray, t_count: int, start: int, denoising_start=None,
+                  denoising_end=None) -> tuple[int, int]:
+    """(first, end) loop iterations of a run that hands off part-way through the noise levels, as
+    diffusers' SDXL pipelines cut their timestep list: `denoising_end` d keeps the steps whose
+    timestep is >= round(T - d T) (the base model's part); `denoising_start` d starts at the first
+    step below that (the refiner's part; it replaces image-to-image's strength).
+
+    timesteps: the model timestep of each loop iteration; t_count: T, the training timesteps.
+    """
+    stop = len(timesteps)
+    if denoising_start is None and denoising_end is None:
+        return start, stop
+    if sampler.name == "heun":  # diffusers cuts Heun's list of half-steps inside a step
+        raise ConfigError("denoising_start / denoising_end split a run between two models; with Heun's "
+                          "two-call steps the split falls inside a step. Use another sampler.")
+    cutoff = lambda d, name: int(round(t_count - _fraction(d, name) * t_count))
+    if denoising_start is not None:
+        start = stop - int(np.sum(timesteps < cutoff(denoising_start, "denoising_start")))
+    if denoising_end is not None:
+        stop = int(np.sum(timesteps >= cutoff(denoising_end, "denoising_end")))
+    if stop <= start:
+        raise ConfigError(f"denoising_start {denoising_start} / denoising_end {denoising_end} leave no step "
+                          f"of the {len(timesteps)} to run; raise the step count or widen the range.")
+    return start, stop
+
+
 def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, strength: float = 1.0,
-               eta: float = 0.0) -> Plan:
-    """The plan of `sampler` for `num_steps` steps; `config` as the sampler's class reads it."""
+               eta: float = 0.0, denoising_start=None, denoising_end=None) -> Plan:
+    """The plan of `sampler` for `num_steps` steps; `config` as the sampler's class reads it.
+
+    strength < 1 starts part-way (image-to-image); denoising_start / denoising_end in (0, 1) start
+    or stop at a fraction of the noise levels instead (the base/refiner hand-off, `handoff_range`).
+    """
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= config.num_train_timesteps:
         raise ConfigError(f"steps must be an integer in 1..{config.num_train_timesteps}, got {num_steps!r}.")
-    start = img2img_start(num_steps, strength)
+    start = img2img_start(num_steps, strength) if denoising_start is None else 0
     config = config.as_read_by(sampler.scheduler_class)
     arrays, init = sampler.levels(config, int(num_steps))
     length = config.num_train_timesteps + 1
@@ -90,8 +127,10 @@ def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, streng
         return np.pad(v, [(0, length - len(v))] + [(0, 0)] * (v.ndim - 1), mode="edge")
 
     iterations = sampler.loop_length(config, int(num_steps))
-    return Plan({k: pad(v) for k, v in arrays.items()}, np.int32(iterations), np.int32(start), np.float32(init),
-                np.float32(eta), sampler.name, config)
+    start, stop = handoff_range(sampler, np.asarray(arrays["timesteps"][:iterations]), config.num_train_timesteps,
+                                start, denoising_start, denoising_end)
+    return Plan({k: pad(v) for k, v in arrays.items()}, np.int32(iterations), np.int32(start), np.int32(stop),
+                np.float32(init), np.float32(eta), sampler.name, config)
 
 
 def step_noise(keys, i, like):
@@ -112,11 +151,11 @@ def run(sampler: Sampler, model_fn, x, plan: Plan, keys, known=None):
         if known is not None:
             x0, mask, noise = known
             level = i + 1
-            reference = jnp.where(level < plan.num_steps, sampler.add_noise(x0, noise, plan, level), x0)
+            reference = jnp.where(level < plan.stop, sampler.add_noise(x0, noise, plan, level), x0)
             x = (1 - mask) * reference + mask * x
         return x, state
 
-    x, _ = jax.lax.fori_loop(plan.start, plan.num_steps, body, (x, sampler.init_state(x)))
+    x, _ = jax.lax.fori_loop(plan.start, plan.stop, body, (x, sampler.init_state(x)))
     return x
 
 
