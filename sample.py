@@ -15,14 +15,18 @@ from jdiff.errors import CheckpointError, ConfigError
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", required=True, help="diffusers pipeline folder")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder (SD 1.x/2.x, SDXL)")
+    p.add_argument("--refiner", help="SDXL: a refiner pipeline folder that finishes each image")
+    p.add_argument("--high-noise-frac", type=float, default=0.8,
+                   help="with --refiner: the fraction of the noise levels the base model runs")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed}")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", help="default: none (the empty prompt, or zeros where an SDXL "
+                   "checkpoint asks for them)")
     p.add_argument("--sampler", choices=jdiff.SAMPLERS, help="default: the checkpoint's own scheduler")
     p.add_argument("--steps", type=int, help="default: what diffusers' pipeline of the checkpoint runs (50 for SD)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, help="default: diffusers' for the family (7.5 SD, 5.0 SDXL)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
@@ -58,15 +62,25 @@ def main(argv=None) -> int:
         jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
         default_sampler, default_steps = jdiff.checkpoint_sampling(pipe)
+        guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
         settings = dict(sampler=args.sampler or default_sampler, steps=args.steps or default_steps,
-                        guidance=args.guidance, height=args.height,
+                        guidance=guidance, height=args.height,
                         width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
+        refiner = None
+        if args.refiner:
+            if args.init_image or args.mask:
+                raise ConfigError("--refiner finishes text-to-image runs; it does not take --init-image or --mask.")
+            refiner_pipe = jdiff.load_pipeline(args.refiner, dtype=jnp.dtype(args.dtype))
+            refiner = batch_generation.Refiner(refiner_pipe, args.high_noise_frac,
+                                               {"sampler": args.sampler or jdiff.checkpoint_sampling(refiner_pipe)[0]})
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
-        inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask)) if v}
-        stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs)
+        inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("refiner", args.refiner),
+                                    ("high_noise_frac", args.refiner and args.high_noise_frac)) if v}
+        stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs,
+                                     refiner)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ from jdiff.models.vae import scale_latents, unscale_latents
 
 
 def _as_list(value, n: int, name: str) -> list:
+    """One entry per prompt (None where none was given)."""
     if value is None or isinstance(value, str):
-        return [value or ""] * n
+        return [value] * n
     value = list(value)
     if len(value) != n:
         raise ConfigError(f"{name} has {len(value)} entries for {n} prompts.")
@@ -198,6 +199,8 @@ def generate(
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
+    negative_prompts: one for all prompts or one per prompt; None (or a None entry) means none was
+      given: the empty prompt, or zeros where an SDXL checkpoint asks for them.
     guidance: classifier-free guidance scale (<= 1: none); by default diffusers' default for the
       family (7.5 for SD 1.x/2.x, 5.0 for SDXL).
 
@@ -305,8 +308,9 @@ def generate(
     pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - batch, axis=0)])
     extra, negative_extra = {}, {}
     if family.extra_conditioning is not None:
-        extra, negative_extra = family.extra_conditioning(pipe, batch, height, width, options,
-                                                          negative_prompts is not None)
+        given = np.array([n is not None for n in negatives])
+        extra, negative_extra = family.extra_conditioning(pipe, batch, height, width, options, given)
+    negatives = ["" if n is None else n for n in negatives]
     batch_inputs = ({**family.tokenize(pipe, prompts), **extra}, {**family.tokenize(pipe, negatives), **negative_extra},
                     _seeds(seed, batch), latents, image, mask_array)
     sharded = sharding.batch_sharding(mesh)

@@ -31,7 +31,7 @@ def test_prompts_file_batches_metadata_and_grid(model, tmp_path, capsys):
     assert pngs == [f"{i:05d}.png" for i in range(4)]
     meta = [image_io.read_png_parameters(out / name) for name in pngs]
     assert [(m["prompt"], m["seed"], m["negative_prompt"]) for m in meta] == [
-        ("a red circle", 5, ""), ("a red circle", 6, ""), ("circle", 42, "red"), ("circle", 43, "red")]
+        ("a red circle", 5, None), ("a red circle", 6, None), ("circle", 42, "red"), ("circle", 43, "red")]
     assert meta[0]["sampler"] == "euler" and meta[0]["steps"] == 2
     with Image.open(out / "00000.png") as image:
         assert image.size == (32, 32) and image.text["seed"] == "5"

@@ -204,3 +204,22 @@ def test_bad_sdxl_inputs_get_clear_errors(base, refiner, tmp_path, one_device):
     with pytest.raises(CheckpointError, match="requires_aesthetics_score: true"):
         jdiff.load_pipeline(tmp_path / "refiner")
 
+
+
+def test_sample_py_hands_each_batch_from_base_to_refiner(base, refiner, tmp_path):
+    import sample
+    from jdiff import image_io, pipeline
+
+    out = tmp_path / "out"
+    (tmp_path / "prompts.txt").write_text("a red circle\ncircle\nred\n")
+    before = pipeline._generate._cache_size()
+    assert sample.main(["--model", str(base[0]), "--refiner", str(refiner[0]), "--high-noise-frac", "0.7",
+                        "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "4", "--seed", "3",
+                        "--batch-size", "2", "--out", str(out)]) == 0
+    assert pipeline._generate._cache_size() - before <= 2  # one program per model, reused by the padded batch
+    meta = image_io.read_png_parameters(out / "00002.png")
+    assert meta["refiner"] == str(refiner[0]) and meta["high_noise_frac"] == 0.7 and meta["guidance"] == 5.0
+    # the third image, by hand: the base's part, then the refiner's, from the same seed
+    latents = jdiff.generate(base[2], ["red"], steps=4, seed=5, denoising_end=0.7, output_type="latent")
+    by_hand = jdiff.generate(refiner[2], ["red"], steps=4, seed=5, init_latents=latents, denoising_start=0.7)
+    np.testing.assert_allclose(image_io.load_image(out / "00002.png"), by_hand[0], atol=1 / 255)

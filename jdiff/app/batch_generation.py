@@ -47,8 +47,30 @@ class RunStats:
                 f"first batch (with compile) {self.first_batch_seconds:.1f} s; {rate}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Refiner:
+    """A second model that finishes each image (SDXL's refiner): the base runs the noisiest
+    `high_noise_frac` of the noise levels and hands its latents over; `settings` are the refiner's
+    own generate() settings (its sampler), the rest are the base's."""
+
+    pipe: Pipeline
+    high_noise_frac: float
+    settings: dict = dataclasses.field(default_factory=dict)
+
+
+def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, refiner: Refiner = None):
+    """Images for one batch: from `pipe` alone, or handed from `pipe` to `refiner` part-way."""
+    kw = dict(negative_prompts=negatives, seed=seeds)
+    if refiner is None:
+        return generate(pipe, prompts, **kw, **settings)
+    latents = generate(pipe, prompts, **kw, **settings, denoising_end=refiner.high_noise_frac, output_type="latent")
+    finish = {k: v for k, v in settings.items() if k not in ("height", "width")}
+    return generate(refiner.pipe, prompts, **kw, **{**finish, **refiner.settings}, init_latents=latents,
+                    denoising_start=refiner.high_noise_frac)
+
+
 def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: dict,
-        metadata: dict = {}) -> RunStats:
+        metadata: dict = {}, refiner: Refiner = None) -> RunStats:
     """Generates every job in batches of `batch_size` (the last one padded, so all batches share
     one compiled program) and writes out/NNNNN.png plus out/grid.png. Each PNG's text metadata
     holds its prompt, seed, the scalar settings and `metadata` (e.g. input file names)."""
@@ -62,8 +84,8 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
         for indices, real in padded_batches(len(jobs), batch_size):
             first, padded = indices[0], [jobs[i] for i in indices]
             batch = padded[:real]
-            result = generate(pipe, [j.prompt for j in padded], negative_prompts=[j.negative_prompt for j in padded],
-                              seed=[j.seed for j in padded], **settings)[:real]
+            result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
+                                    [j.seed for j in padded], settings, refiner)[:real]
             for k, (job, image) in enumerate(zip(batch, result) if main else ()):
                 parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                               "model": pipe.source, **metadata, **{key: v for key, v in settings.items() if _printable(v)}}

@@ -13,7 +13,7 @@ class Job:
     """One image to generate."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: Optional[str]  # None: not given (SDXL may then use zeros, as diffusers does)
     seed: int
 
 
@@ -53,6 +53,6 @@ def make_jobs(entries: list[dict], num_images: int, seed: int, negative_prompt: 
     jobs = []
     for i, entry in enumerate(entries):
         base = int(entry["seed"]) if "seed" in entry else seed + i * num_images
-        negative = entry.get("negative_prompt", negative_prompt) or ""
+        negative = entry.get("negative_prompt", negative_prompt)
         jobs += [Job(entry["prompt"], negative, base + k) for k in range(num_images)]
     return jobs

@@ -32,7 +32,7 @@ class Family:
       guidance-distilled models) and so runs no unconditional half.
     inpainting_channels(modules): True when the denoiser takes mask and masked-image channels.
     init_params(modules, names, rng, latent_shape) -> {name: params} for training from scratch.
-    extra_conditioning(pipe, batch, height, width, options, negatives_given) -> (dict, dict) of
+    extra_conditioning(pipe, batch, height, width, options, negatives_given[B]) -> (dict, dict) of
       numpy arrays [B, ...] added to the positive and negative prompts' tokens: conditioning that
       is not text (SDXL's size and crop ids). `options`: generate()'s family-specific keywords
       (only the ones the caller set); a family refuses the ones it does not know.

@@ -187,10 +187,12 @@ def _scores(value, batch: int, name: str) -> np.ndarray:
 
 
 def extra_conditioning(pipe: Pipeline, batch: int, height: int, width: int, options: dict,
-                       negatives_given: bool) -> tuple[dict, dict]:
+                       negatives_given: np.ndarray) -> tuple[dict, dict]:
     """The time ids of the prompts and of the negative prompts, as diffusers' SDXL pipelines make
     them: (original size, crop corner, target size), or (original size, crop corner, aesthetic
-    score) for a refiner. Negative ids equal the prompt's unless negative sizes are given."""
+    score) for a refiner. Negative ids equal the prompt's unless negative sizes are given. Where
+    an image's negative prompt was not given (negatives_given[b] False), its unconditional half uses
+    zeros if the checkpoint says force_zeros_for_empty_prompt."""
     unknown = sorted(set(options) - set(MICRO_CONDITIONING))
     if unknown:
         raise ConfigError(f"SDXL takes no option {', '.join(unknown)}.")
@@ -212,8 +214,8 @@ def extra_conditioning(pipe: Pipeline, batch: int, height: int, width: int, opti
         if o["negative_original_size"] is not None and o["negative_target_size"] is not None:
             negative_target = _pairs(o["negative_target_size"], batch, "negative_target_size")
             negative_ids = np.concatenate([negative_original, negative_crop, negative_target], -1)
-    zero = not negatives_given and pipe.settings.get("force_zeros_for_empty_prompt", True)
-    negative = {"time_ids": negative_ids, "zero": np.full((batch,), float(zero), np.float32)}
+    zero = ~np.asarray(negatives_given, bool) & bool(pipe.settings.get("force_zeros_for_empty_prompt", True))
+    negative = {"time_ids": negative_ids, "zero": zero.astype(np.float32)}
     return {"time_ids": ids}, negative
 
 
