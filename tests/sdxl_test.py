@@ -223,3 +223,26 @@ def test_sample_py_hands_each_batch_from_base_to_refiner(base, refiner, tmp_path
     latents = jdiff.generate(base[2], ["red"], steps=4, seed=5, denoising_end=0.7, output_type="latent")
     by_hand = jdiff.generate(refiner[2], ["red"], steps=4, seed=5, init_latents=latents, denoising_start=0.7)
     np.testing.assert_allclose(image_io.load_image(out / "00002.png"), by_hand[0], atol=1 / 255)
+
+
+@pytest.mark.parametrize("scheduler, steps", [("EulerAncestralDiscreteScheduler", 1),  # SDXL-Turbo as shipped
+                                              ("EulerDiscreteScheduler", 4)])  # SDXL-Lightning as shipped
+def test_distilled_checkpoints_run_as_shipped(base, scheduler, steps, tmp_path, one_device):
+    """Trailing timestep spacing and guidance 0 need no flag: the checkpoint's scheduler is used."""
+    import json
+    import shutil
+
+    folder = tmp_path / "distilled"
+    shutil.copytree(base[0], folder, ignore=shutil.ignore_patterns("_tokenizer_src"))
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(_class_name=scheduler, timestep_spacing="trailing")
+    config_file.write_text(json.dumps(config))
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    latents = noise(8)
+    expected = reference(PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=0.0,
+                         output_type="np").images
+    ours = jdiff.generate(jdiff.load_pipeline(folder), PROMPTS, steps=steps, guidance=0.0,
+                          latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert 0.02 < expected.std()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
