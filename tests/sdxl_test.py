@@ -3,6 +3,7 @@ text-to-image with its micro-conditioning, image-to-image, inpainting, and the b
 hand-off, for the checkpoint's scheduler (Euler, as SDXL ships) and DPM-Solver++ 2M."""
 
 import diffusers
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -47,6 +48,9 @@ def test_loads_base_and_refiner_as_sdxl(base, refiner):
     assert set(refiner[2].modules) == {"unet", "vae", "text_encoder_2"}  # the refiner has one encoder
     assert refiner[2].settings == {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
     assert jdiff.checkpoint_sampling(base[2]) == ("euler", 50)
+    # force_upcast: in bfloat16 the VAE still computes in float32, the rest in bfloat16
+    half = jdiff.load_pipeline(base[0], dtype=jnp.bfloat16)
+    assert half.vae.dtype == jnp.float32 and half.unet.dtype == half.text_encoder_2.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("sampler", [None, "dpm++2m"])
