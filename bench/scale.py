@@ -1,12 +1,14 @@
-"""What an SD1.5 U-Net train step costs per device on different meshes, from the compiled program
-alone (nothing is run): per-device memory from XLA's memory analysis, and every collective
-operation in the partitioned HLO with its bytes.
+"""What a U-Net train step (SD1.5's and SDXL base's) costs per device on different meshes, from the
+compiled program alone (nothing is run): per-device memory from XLA's memory analysis, and every
+collective operation in the partitioned HLO with its bytes.
 
 The step is jdiff's own (`train_lib.train_step`: AdamW, gradient clipping, EMA) on the train state
-laid out by `jdiff.sharding`, with the text encoder's output as an input (frozen text encoder) and
-latents as inputs (frozen VAE, latents precomputed): what a cluster run spends on the U-Net.
+laid out by `jdiff.sharding`, with the text encoders' outputs as inputs (frozen text encoders:
+context, and for SDXL the pooled text and the 6 micro-conditioning ids) and latents as inputs
+(frozen VAE, latents precomputed): what a cluster run spends on the U-Net.
 
-    python bench/scale.py                              # results to bench/results/scale.json
+    python bench/scale.py                              # both models, results to bench/results/scale.json
+    python bench/scale.py --models sdxl --merge        # SDXL rows only, keeping the file's SD1.5 rows
     python bench/scale.py --per-device-batch 4 --meshes data=8 fsdp=8
 """
 
@@ -16,6 +18,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -29,9 +32,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import losses, sharding, train_lib  # noqa: E402
 from jdiff.models import layers  # noqa: E402
-from jdiff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from jdiff.models.unet import SDXL_BASE, UNet2DConditionModel, UNetConfig  # noqa: E402
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod  # noqa: E402
-from report import write_report  # noqa: E402
+from report import command_line, write_report  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
@@ -80,22 +83,40 @@ def collectives(hlo: str, devices: int) -> dict:
     return dict(found)
 
 
-def sd15_train_step(mesh, per_device_batch: int):
-    """The compiled SD1.5 U-Net train step on `mesh` and its train-state bytes."""
-    config = UNetConfig(sample_size=64, cross_attention_dim=768)
+# The models, as data: U-Net config fields, latent side, context [L, D], and SDXL's added
+# conditioning widths (pooled text, time ids). Per-device batch: SD1.5 at 512 px, SDXL at 1024 px.
+MODELS = {
+    "sd15": dict(title="SD1.5 U-Net (859.5M parameters)", unet=dict(sample_size=64, cross_attention_dim=768),
+                 latent=64, context=(77, 768), added=None, per_device_batch=8),
+    "sdxl": dict(title="SDXL-base U-Net (2567.5M parameters)", unet=SDXL_BASE, latent=128, context=(77, 2048),
+                 added=dict(text_embeds=1280, time_ids=6), per_device_batch=2),
+}
+
+
+def unet_train_step(spec: dict, mesh, per_device_batch: int):
+    """The compiled U-Net train step on `mesh` and its train-state bytes."""
+    config = UNetConfig.from_dict(spec["unet"])
     unet = UNet2DConditionModel(config)
     alphas_cumprod = jnp.asarray(train_alphas_cumprod(SchedulerConfig(beta_schedule="scaled_linear",
                                                                       beta_start=0.00085, beta_end=0.012)))
+    side, (length, width), added = spec["latent"], spec["context"], spec["added"]
+
+    def added_cond(batch):
+        # jdiff's families (and the train step's batch) carry the added conditioning as a dict.
+        return {k: batch[k] for k in added} if added else None
 
     def init_params(rng):
-        return unet.init(rng, jnp.zeros((1, 64, 64, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 768)))["params"]
+        example = {k: jnp.zeros((1, w)) for k, w in added.items()} if added else None
+        return unet.init(rng, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1, length, width)),
+                         added_cond=example)["params"]
 
     def loss_fn(params, frozen, batch, rng):
         t_rng, n_rng = jax.random.split(rng)
         x0 = batch["latents"]
         t = jax.random.randint(t_rng, (x0.shape[0],), 0, 1000)
         noise = jax.random.normal(n_rng, x0.shape)
-        out = unet.apply({"params": params}, losses.add_noise(x0, noise, t, alphas_cumprod), t, batch["context"])
+        out = unet.apply({"params": params}, losses.add_noise(x0, noise, t, alphas_cumprod), t, batch["context"],
+                         added_cond=added_cond(batch))
         return losses.diffusion_loss(out, x0, noise, t, alphas_cumprod, prediction_type="epsilon")[0], {}
 
     stage = train_lib.Stage("diffusion", init_params, loss_fn, lambda b: b)
@@ -110,8 +131,9 @@ def sd15_train_step(mesh, per_device_batch: int):
     abstract = jax.eval_shape(create, jax.random.key(0))
     state_shardings = sharding.tree_shardings(abstract, mesh)
     batch_size = per_device_batch * mesh.size // mesh.shape["tensor"]
-    batch = {"latents": jax.ShapeDtypeStruct((batch_size, 64, 64, 4), jnp.float32),
-             "context": jax.ShapeDtypeStruct((batch_size, 77, 768), jnp.float32)}
+    batch = {"latents": jax.ShapeDtypeStruct((batch_size, side, side, 4), jnp.float32),
+             "context": jax.ShapeDtypeStruct((batch_size, length, width), jnp.float32),
+             **{k: jax.ShapeDtypeStruct((batch_size, w), jnp.float32) for k, w in (added or {}).items()}}
     step = jax.jit(functools.partial(train_lib.train_step, loss_fn=loss_fn, optimizer=optimizer, ema_decay=0.9999),
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -123,18 +145,22 @@ def sd15_train_step(mesh, per_device_batch: int):
     return compiled, time.perf_counter() - start, batch_size, state_bytes, per_device_state
 
 
-def bench(mesh_spec: dict, per_device_batch: int) -> dict:
+def bench(model: str, mesh_spec: dict, per_device_batch: int) -> dict:
+    spec = MODELS[model]
     mesh = sharding.make_mesh(mesh_spec)
     name = " x ".join(f"{k}={v}" for k, v in mesh_spec.items())
-    print(f"[{name}] compiling the SD1.5 U-Net train step...", flush=True)
-    compiled, compile_s, batch, state_bytes, state_per_device = sd15_train_step(mesh, per_device_batch)
+    print(f"[{model} {name}] compiling the {spec['title']} train step...", flush=True)
+    compiled, compile_s, batch, state_bytes, state_per_device = unet_train_step(spec, mesh, per_device_batch)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     gib = lambda n: round(n / 2**30, 3)  # noqa: E731
     found = collectives(compiled.as_text(), mesh.size)
+    side, (length, width) = spec["latent"], spec["context"]
     result = dict(
-        mesh=name, devices=mesh.size, global_batch=batch, latent="64x64x4", context="77x768",
+        model=model, mesh=name, devices=mesh.size, per_device_batch=per_device_batch, global_batch=batch,
+        latent=f"{side}x{side}x4", context=f"{length}x{width}",
+        **({"added_cond": spec["added"]} if spec["added"] else {}),
         train_state_gib=gib(state_bytes), train_state_per_device_gib=gib(state_per_device),
         per_device_memory_gib=dict(arguments=gib(memory.argument_size_in_bytes),
                                    outputs=gib(memory.output_size_in_bytes), aliased=gib(memory.alias_size_in_bytes),
@@ -146,7 +172,7 @@ def bench(mesh_spec: dict, per_device_batch: int) -> dict:
                      for op, v in found.items()},
         wire_gib_per_device_total=gib(sum(v["wire_bytes_per_device"] for v in found.values())),
         compile_s=round(compile_s, 1))
-    print(f"[{name}] state/device {result['train_state_per_device_gib']} GiB, peak/device "
+    print(f"[{model} {name}] state/device {result['train_state_per_device_gib']} GiB, peak/device "
           f"{result['per_device_memory_gib']['peak_estimate']} GiB, collectives "
           + ", ".join(f"{op} x{v['count']} {v['wire_gib_per_device']} GiB" for op, v in result["collectives"].items())
           + f", compiled in {compile_s:.0f} s", flush=True)
@@ -157,16 +183,34 @@ def parse_mesh(text: str) -> dict:
     return {k: int(v) for k, v in (part.split("=") for part in text.split(","))}
 
 
+def kept_rows(out: str, models: list) -> list:
+    """The rows of other models in an earlier report, each with the command that made it."""
+    if not Path(out).exists():
+        return []
+    earlier = json.loads(Path(out).read_text())
+    return [dict(row, model=row.get("model", "sd15"), command=row.get("command", earlier["command"]),
+                 per_device_batch=row.get("per_device_batch", earlier.get("per_device_batch")))
+            for row in earlier["results"] if row.get("model", "sd15") not in models]
+
+
 def main():
     layers.CPU_BLOCKED_ATTENTION = False  # compile the attention GPUs and TPUs run (batch-shardable)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
     parser.add_argument("--meshes", nargs="+", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
-    parser.add_argument("--per-device-batch", type=int, default=8)
+    parser.add_argument("--per-device-batch", type=int, default=None,
+                        help="for every model (default: each model's own, see MODELS)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the models not run from the existing --out file")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = parser.parse_args()
-    results = [bench(parse_mesh(m), args.per_device_batch) for m in args.meshes]
-    write_report(args.out, results, per_device_batch=args.per_device_batch, model="SD1.5 U-Net (859.5M parameters)",
-                 step="AdamW + clipping + EMA, float32")
+    earlier = kept_rows(args.out, args.models) if args.merge else []
+    results = [dict(bench(model, parse_mesh(m), args.per_device_batch or MODELS[model]["per_device_batch"]),
+                    **({"command": command_line()} if earlier else {}))
+               for model in args.models for m in args.meshes]
+    write_report(args.out, earlier + results, models={k: v["title"] for k, v in MODELS.items()},
+                 step="AdamW + clipping + EMA, float32, no gradient checkpointing",
+                 **({"note": "rows carry the command that made them (--merge)"} if earlier else {}))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def test_unknown_config_field_names_close_matches(copy):
 
 def test_unsupported_config_value(copy):
     config = json.loads((copy / "config.json").read_text())
-    config["addition_embed_type"] = "text_time"
+    config["addition_embed_type"] = "text_image"  # Kandinsky 2.1's; jdiff implements "text" and "text_time"
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="addition_embed_type.*not supported"):
         load_unet(copy)

@@ -189,8 +189,8 @@ class UNetConfig:
         layers.activation(self.act_fn)
 
 
-def text_time_widths(config: UNetConfig, num_time_ids: int) -> tuple[int, int]:
-    """(text_embeds width P, time_ids count K) of a "text_time" U-Net given K.
+def text_embeds_width(config: UNetConfig, num_time_ids: int) -> int:
+    """The width P of `text_embeds` that a "text_time" U-Net takes beside `num_time_ids` (K) ids.
 
     The checkpoint fixes only P + K * addition_time_embed_dim (projection_class_embeddings_input_dim);
     the split is the pipeline's: SDXL base passes 6 ids (original size, crop corner, target size),
@@ -202,10 +202,10 @@ def text_time_widths(config: UNetConfig, num_time_ids: int) -> tuple[int, int]:
         raise ValueError(f"{num_time_ids} time ids of width addition_time_embed_dim {config.addition_time_embed_dim} "
                          f"leave no room in projection_class_embeddings_input_dim "
                          f"{config.projection_class_embeddings_input_dim} for the text embeddings.")
-    return p, num_time_ids
+    return p
 
 
-def example_inputs(config: UNetConfig, num_time_ids: int = 1, batch: int = 1) -> tuple:
+def example_inputs(config: UNetConfig, num_time_ids: int = 1) -> tuple:
     """Smallest inputs that reach every parameter (for `init` under `jax.eval_shape`).
 
     A "text_time" U-Net's parameters depend only on P + K * addition_time_embed_dim, so any split
@@ -214,11 +214,11 @@ def example_inputs(config: UNetConfig, num_time_ids: int = 1, batch: int = 1) ->
     """
     size = 2 ** (config.num_blocks - 1)
     cross = config.per_block("cross_attention_dim")[0]
-    args = (jnp.zeros((batch, size, size, config.in_channels)), jnp.zeros((batch,)), jnp.zeros((batch, 1, cross)),
-            jnp.zeros((batch, config.time_cond_proj_dim)) if config.time_cond_proj_dim else None)
+    args = (jnp.zeros((1, size, size, config.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, cross)),
+            jnp.zeros((1, config.time_cond_proj_dim)) if config.time_cond_proj_dim else None)
     if config.addition_embed_type == "text_time":
-        p, k = text_time_widths(config, num_time_ids)
-        return args + ({"text_embeds": jnp.zeros((batch, p)), "time_ids": jnp.zeros((batch, k))},)
+        p = text_embeds_width(config, num_time_ids)
+        return args + ({"text_embeds": jnp.zeros((1, p)), "time_ids": jnp.zeros((1, num_time_ids))},)
     return args if args[-1] is not None else args[:-1]
 
 
