@@ -57,7 +57,7 @@ def finetune_config(base, pictures, **train):
     config.stages = "diffusion"
     config.data.update(dataset="folder", folder=str(pictures), resolution=RESOLUTION, caption_dropout=0.0)
     config.diffusion.update(train_text_encoder=False)
-    config.diffusion_train.update(steps=2, batch_size=4, learning_rate=0.0, eval_every=100, checkpoint_every=100)
+    config.diffusion_train.update(steps=2, batch_size=8, learning_rate=0.0, eval_every=100, checkpoint_every=100)
     config.diffusion_train.update(**train)
     config.sample.update(num_prompts=2, steps=2)
     return config
@@ -177,9 +177,9 @@ def test_first_step_loss_equals_diffusers_sdxl_training_recipe(sdxl):
     other, _, _ = reference_loss(base, captions, latents, noise, timesteps, default_ids)
     assert abs(other - reference) > 1e-3 * reference
 
-    # Conditioning encoded once before training gives the same loss, with or without caption dropout
-    # (the dropped captions' conditioning is cached beside it); the text encoders stay off the devices.
-    for dropout in (0.0, 0.5):
+    # Conditioning encoded once before training gives the same loss, dropped captions included (their
+    # conditioning is cached beside it); the text encoders stay off the devices.
+    for dropout in (0.5,):
         live = stages.diffusion_stage(pipe, objective, latent_size=4, caption_dropout=dropout,
                                       train_text_encoder=False, cached_latents=True)
         cached = stages.diffusion_stage(pipe, objective, latent_size=4, caption_dropout=dropout,

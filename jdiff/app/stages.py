@@ -188,7 +188,8 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     size = latent_size * vae.config.downscale  # the training images' resolution (SDXL's target size)
 
     def init_params(rng):
-        fresh = family.init_params(modules, [n for n in trained if n not in pipe.params], rng, latent_shape)
+        missing = [n for n in trained if n not in pipe.params]  # none when fine-tuning
+        fresh = family.init_params(modules, missing, rng, latent_shape) if missing else {}
         return {n: pipe.params[n] if n in pipe.params else fresh[n] for n in trained}
 
     def loss_fn(params, frozen, batch, rng):
