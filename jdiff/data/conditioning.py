@@ -34,10 +34,13 @@ class ConditionedSource:
         return {**self.source[index], **jax.tree.map(lambda a: a[index], self.computed)}
 
 
+PIXELS = ("image", "latent_mean", "latent_logvar")  # what conditioning is never made of
+
+
 def text_and_fields(items: list[dict]) -> dict:
     """A list of examples as one batch of what conditioning is made of: "caption" (numpy str
-    [B]) and the examples' numeric fields stacked (no images)."""
-    fields = [numeric_fields(item) for item in items]
+    [B]) and the examples' numeric fields stacked (no images or latents)."""
+    fields = [{k: v for k, v in numeric_fields(item).items() if k not in PIXELS} for item in items]
     return {"caption": np.array([str(item.get("caption", "")) for item in items]),
             **{k: np.stack([f[k] for f in fields]) for k in fields[0]}}
 
