@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
         # posteriors in memory (8 bytes per latent element per image; every process holds them all).
         # False: encode each batch as it comes (sets too large for memory).
         cache_latents=True,
+        # With frozen text encoders (diffusion.train_text_encoder=False): encode every caption once
+        # before the diffusion stage and keep the conditioning in memory (for SDXL 77 x 2048 + 1280
+        # floats per image, twice that when captions are dropped, since the dropped conditioning is
+        # stored too); the text encoders then never reach the devices.
+        cache_text_embeddings=False,
     ))
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small

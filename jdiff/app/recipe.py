@@ -20,7 +20,7 @@ from jdiff import convert, distributed, families, schedules, sharding, train_lib
 from jdiff.app import shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app.shapes_tfds import load_shapes
-from jdiff.data import decode_example, encode_source, make_loader, to_model_range
+from jdiff.data import decode_example, encode_conditioning, encode_source, make_loader, to_model_range
 from jdiff.data.image_folder import ImageFolder
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
@@ -124,16 +124,19 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                           guidance=s.guidance, seed=0)
         return {"samples": image_io.image_grid(images, columns=4)}
 
-    cache = config.data.cache_latents
+    cache, cache_text = config.data.cache_latents, config.data.get("cache_text_embeddings", False)
     vae, vae_params = base.vae, base.params["vae"]
     stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler.config),
                                    latent_size=config.data.resolution // vae.config.downscale,
                                    caption_dropout=config.data.caption_dropout,
                                    train_text_encoder=config.diffusion.train_text_encoder, evaluate=evaluate,
-                                   cached_latents=cache)
+                                   cached_latents=cache, cached_conditioning=cache_text)
     if cache:  # the VAE is frozen: encode once rather than at every step
         train_source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
                                      show_progress=distributed.is_main())
+    if cache_text:  # so are the text encoders (the stage refuses otherwise): encode each caption once
+        encoder = stages.conditioning_encoder(base, config.data.resolution, config.data.caption_dropout > 0)
+        train_source = encode_conditioning(encoder, train_source, show_progress=distributed.is_main())
     loader = _loader(train_source, config.diffusion_train, config.seed)
     state, _ = train_lib.train(stage, config.diffusion_train, workdir / "diffusion", loader,
                                total_batch=config.diffusion_train.batch_size)

@@ -116,18 +116,68 @@ def latent_encoder(vae: AutoencoderKL, vae_params):
     return encode
 
 
+def conditioning_inputs(pipe: Pipeline, examples: dict, size: int, empty_tokens: dict) -> dict:
+    """The text encoders' inputs for a batch of examples ("caption" and the family's per-example
+    fields): {"tokens": the captions' tokens with the family's training conditioning,
+    "dropped_tokens": what replaces them where a caption is dropped (the empty prompt's tokens
+    with the family's unconditional fields)}. Numpy, on the host."""
+    family, batch = pipe.family, len(examples["caption"])
+    extra, unconditional = {}, {}
+    if family.training_conditioning is not None:
+        extra, unconditional = family.training_conditioning(pipe, examples, size, size)
+    empty = {k: np.broadcast_to(v, (batch,) + v.shape[1:]) for k, v in empty_tokens.items()}
+    return {"tokens": {**family.tokenize(pipe, examples["caption"], warn=False), **extra},
+            "dropped_tokens": {**empty, **unconditional}}
+
+
+def drop_captions(dropped: jax.Array, replacement, conditional):
+    """Per example, `replacement` where `dropped` else `conditional` (pytrees of [B, ...] arrays)."""
+    return jax.tree.map(lambda r, c: jnp.where(dropped.reshape((-1,) + (1,) * (c.ndim - 1)), r, c),
+                        replacement, conditional)
+
+
+def conditioning_encoder(pipe: Pipeline, size: int, with_dropped: bool = True):
+    """examples -> {"conditioning", and with_dropped "dropped_conditioning"}: the frozen text
+    encoders' conditioning of a batch (and of its dropped captions), jitted: what
+    `encode_conditioning` needs to encode a training set's captions once for a diffusion stage with
+    `cached_conditioning`."""
+    family = pipe.family
+    params = {n: pipe.params[n] for n in family.text_encoder_names if n in pipe.params}
+    empty_tokens = family.tokenize(pipe, [""], warn=False)
+    encode = jax.jit(lambda params, tokens: family.encode_prompts(pipe.modules, params, tokens))
+
+    def encode_examples(examples):
+        inputs = conditioning_inputs(pipe, examples, size, empty_tokens)
+        encoded = {"conditioning": encode(params, inputs["tokens"])}
+        if with_dropped:
+            encoded["dropped_conditioning"] = encode(params, inputs["dropped_tokens"])
+        return encoded
+
+    return encode_examples
+
+
 def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
                     train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
-                    model_meta: dict | None = None) -> Stage:
+                    cached_conditioning: bool = False, model_meta: dict | None = None) -> Stage:
     """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
     noised VAE latents of captioned images.
 
     pipe: the components; parameters it holds are starting points (fine-tuning), the trained
     components it lacks are initialised. cached_latents: batches carry the VAE posterior
     ("latent_mean", "latent_logvar", from a `LatentSource`) instead of images; the latents drawn from
-    it are the same as on the fly.
+    it are the same as on the fly. cached_conditioning: batches carry the frozen text encoders'
+    output ("conditioning", and "dropped_conditioning" when captions are dropped, from
+    `encode_conditioning` with `conditioning_encoder`) instead of captions; the text encoders then
+    never reach the devices. Conditioning that is not text (SDXL's time ids) comes from each
+    example's fields through the family's `training_conditioning`.
     """
     family, modules, vae = pipe.family, pipe.modules, pipe.vae
+    if train_text_encoder and not family.trains_text_encoders:
+        raise ConfigError(f"the {family.name} family's text encoders ({', '.join(family.text_encoder_names)}) "
+                          f"stay frozen in training: set --config.diffusion.train_text_encoder=False.")
+    if train_text_encoder and cached_conditioning:
+        raise ConfigError("data.cache_text_embeddings needs frozen text encoders: set "
+                          "--config.diffusion.train_text_encoder=False or --config.data.cache_text_embeddings=False.")
     trained = (family.denoiser_name,) + (family.text_encoder_names if train_text_encoder else ())
     frozen_text = [n for n in family.text_encoder_names if n not in trained and n not in pipe.params]
     if frozen_text:
@@ -135,9 +185,11 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
                           f"set config.pretrained.")
     empty_tokens = family.tokenize(pipe, [""], warn=False)
     latent_shape = (latent_size, latent_size, vae.config.latent_channels)
+    size = latent_size * vae.config.downscale  # the training images' resolution (SDXL's target size)
 
     def init_params(rng):
-        fresh = family.init_params(modules, [n for n in trained if n not in pipe.params], rng, latent_shape)
+        missing = [n for n in trained if n not in pipe.params]  # none when fine-tuning
+        fresh = family.init_params(modules, missing, rng, latent_shape) if missing else {}
         return {n: pipe.params[n] if n in pipe.params else fresh[n] for n in trained}
 
     def loss_fn(params, frozen, batch, rng):
@@ -149,19 +201,32 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         x0 = jax.lax.stop_gradient(scale_latents(vae.config, posterior.sample(latent_rng)))
         # Caption dropout: the model also learns the unconditional prediction guidance needs.
         dropped = jax.random.uniform(drop_rng, (x0.shape[0],)) < caption_dropout
-        tokens = jax.tree.map(lambda empty, ids: jnp.where(dropped[:, None], empty, ids), empty_tokens,
-                              batch["tokens"])
         all_params = {**frozen, **params}
-        cond = family.encode_prompts(modules, all_params, tokens)
+        if cached_conditioning:  # encoding is per example, so dropping after it equals dropping before
+            cond = batch["conditioning"]
+            if caption_dropout > 0:
+                cond = drop_captions(dropped, batch["dropped_conditioning"], cond)
+        else:
+            tokens = drop_captions(dropped, batch["dropped_tokens"], batch["tokens"])
+            cond = family.encode_prompts(modules, all_params, tokens)
         model_fn = family.denoiser(modules, all_params)
         loss, _ = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
         return loss, {}
 
     def prepare_batch(batch):
         inputs = ("latent_mean", "latent_logvar") if cached_latents else ("image",)
-        return {**{k: batch[k] for k in inputs}, "tokens": family.tokenize(pipe, batch["caption"], warn=False)}
+        if cached_conditioning:
+            missing = [k for k in ("conditioning",) + (("dropped_conditioning",) if caption_dropout > 0 else ())
+                       if k not in batch]
+            if missing:
+                raise ConfigError(f"cached_conditioning: the batches lack {missing}; encode the source with "
+                                  f"encode_conditioning(conditioning_encoder(pipe, size, with_dropped=True), ...).")
+            inputs += ("conditioning",) + (("dropped_conditioning",) if caption_dropout > 0 else ())
+            return {k: batch[k] for k in inputs}
+        return {**{k: batch[k] for k in inputs}, **conditioning_inputs(pipe, batch, size, empty_tokens)}
 
-    frozen = {n: pipe.params[n] for n in family.text_encoder_names if n not in trained}
+    frozen = {} if cached_conditioning else {n: pipe.params[n] for n in family.text_encoder_names
+                                             if n not in trained}
     if not cached_latents:
         frozen["vae"] = pipe.params["vae"]
     meta = {n: m.config.to_dict() for n, m in modules.items()}

@@ -8,8 +8,11 @@ Two layouts, as in diffusers' training scripts and Hugging Face's `imagefolder`:
 If `metadata.jsonl` exists it alone decides which images are used. Every image is decoded once when
 the source is opened, so a corrupt file is skipped up front (with a warning naming it) instead of
 failing hours into a run; `skipped` lists them (`verify=False` skips this pass for huge folders).
-Reading returns the image resized so its shorter side is `resolution`, centre-cropped to a square:
-{"image": uint8 [R, R, 3], "caption": str}.
+Reading returns the image resized so its shorter side is `resolution`, centre-cropped to a square,
+with where it came from: {"image": uint8 [R, R, 3], "caption": str, "original_size": int32 [2], the
+upright picture's (height, width) before resizing, "crop_top_left": int32 [2], the (y, x) of the
+crop in the resized picture}. SDXL's micro-conditioning is made of these (diffusers' training
+script records the same two pairs); families without it ignore them.
 """
 
 import json
@@ -23,11 +26,18 @@ from jdiff.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
 
-def _open_rgb(path: Path, resolution: int) -> Image.Image:
-    """Decoded RGB image, upright per its EXIF orientation; transparent areas become white."""
+def _open_rgb(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decoded RGB image, upright per its EXIF orientation, and the upright picture's full
+    (height, width); transparent areas become white. The size is read before `draft`, which may
+    decode a JPEG at a fraction of its size: the picture's true size is what SDXL conditions on."""
     with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
         # JPEG can decode at 1/2, 1/4, 1/8 scale directly; draft never goes below the requested size.
         image.draft("RGB", (resolution, resolution))
         image = ImageOps.exif_transpose(image)
@@ -35,18 +45,28 @@ def _open_rgb(path: Path, resolution: int) -> Image.Image:
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+        return Image.alpha_composite(background, image).convert("RGB"), (height, width)
+    return image.convert("RGB"), (height, width)
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) with the shorter side scaled to `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Shorter side scaled to `resolution`, then the centre square: (uint8 [R, R, 3], the (top,
+    left) of the square in the resized picture)."""
+    size = resized_size(*image.size, resolution)
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8), (top, left)
 
 
 def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
     """Shorter side scaled to `resolution`, then the centre square: uint8 [R, R, 3]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8)
+    return resize_and_center_crop(image, resolution)[0]
 
 
 def _from_metadata(root: Path, caption_column: str) -> list[tuple[Path, str]]:
@@ -129,11 +149,13 @@ class ImageFolder:
     def __getitem__(self, index: int) -> dict:
         path, text = self.entries[index]
         try:
-            image = _open_rgb(path, self.resolution)
+            image, original_size = _open_rgb(path, self.resolution)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             # Opened with verify=False, or the file changed on disk after it was checked.
             raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
-        return {"image": resize_and_crop(image, self.resolution), "caption": text}
+        pixels, crop_top_left = resize_and_center_crop(image, self.resolution)
+        return {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
+                "crop_top_left": np.asarray(crop_top_left, np.int32)}
 
     def __repr__(self) -> str:
         return (f"ImageFolder({str(self.root)!r}, resolution={self.resolution}, "

@@ -36,6 +36,11 @@ class Family:
       numpy arrays [B, ...] added to the positive and negative prompts' tokens: conditioning that
       is not text (SDXL's size and crop ids). `options`: generate()'s family-specific keywords
       (only the ones the caller set); a family refuses the ones it does not know.
+    training_conditioning(pipe, examples, height, width) -> (conditional, unconditional): dicts of
+      numpy arrays [B, ...] merged into the captions' tokens, and into the empty prompt's tokens
+      where training drops a caption, made from each training example's own fields (SDXL: time ids
+      from "original_size" and "crop_top_left"). None: the conditioning is the text alone.
+    trains_text_encoders: False when training may not update the text encoders (they stay frozen).
     """
 
     name: str
@@ -52,6 +57,8 @@ class Family:
     inpainting_channels: Callable
     init_params: Callable
     extra_conditioning: Callable = None
+    training_conditioning: Callable = None
+    trains_text_encoders: bool = True
     default_guidance: float = 7.5  # diffusers' guidance_scale default for the family's pipelines
 
 

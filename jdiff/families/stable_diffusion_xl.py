@@ -219,6 +219,31 @@ def extra_conditioning(pipe: Pipeline, batch: int, height: int, width: int, opti
     return {"time_ids": ids}, negative
 
 
+def training_conditioning(pipe: Pipeline, examples: dict, height: int, width: int) -> tuple[dict, dict]:
+    """The time ids of training examples, as diffusers' SDXL training script makes them: each
+    image's own original (height, width) before resizing, the (y, x) of the crop taken after
+    resizing, and the training resolution as the target size. Examples without these fields (a
+    set already at the training resolution, such as the shapes set) get generate()'s defaults:
+    original size = target size, crop (0, 0).
+
+    Where a caption is dropped the text conditioning becomes what guidance's unconditional half
+    uses at generation for this checkpoint: zeros (context and pooled) when model_index.json's
+    force_zeros_for_empty_prompt is set (SDXL base; Stability's own trainer drops a caption by
+    zeroing its embeddings, which is why the flag exists), otherwise the empty prompt's encoding
+    (diffusers' training script always encodes the empty prompt). The time ids stay the example's.
+    """
+    if pipe.settings.get("requires_aesthetics_score"):
+        raise ConfigError("fine-tuning an SDXL refiner (requires_aesthetics_score) is not supported: its time ids "
+                          "carry an aesthetic score per image, which the training data does not have.")
+    batch, size = len(examples["caption"]), (height, width)
+    original = _pairs(examples.get("original_size", size), batch, "original_size")
+    crop = _pairs(examples.get("crop_top_left", (0, 0)), batch, "crop_top_left")
+    ids = np.concatenate([original, crop, _pairs(size, batch, "target_size")], -1)
+    zero = float(pipe.settings.get("force_zeros_for_empty_prompt", True))
+    return ({"time_ids": ids, "zero": np.zeros((batch,), np.float32)},
+            {"time_ids": ids, "zero": np.full((batch,), zero, np.float32)})
+
+
 def embeds_guidance(modules) -> bool:
     return bool(modules["unet"].config.time_cond_proj_dim)
 
@@ -228,4 +253,6 @@ FAMILY = Family(
     pipeline_classes=PIPELINE_CLASSES, load=load, save=save, from_config=from_config, tokenize=tokenize,
     encode_prompts=encode_prompts, denoiser=denoiser, embeds_guidance=embeds_guidance,
     inpainting_channels=stable_diffusion.inpainting_channels, init_params=init_params,
-    extra_conditioning=extra_conditioning, default_guidance=5.0)
+    extra_conditioning=extra_conditioning, default_guidance=5.0,
+    # Both encoders stay frozen in training (as in diffusers' SDXL script): training them is untested here.
+    training_conditioning=training_conditioning, trains_text_encoders=False)
