@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from jdiff.convert import load_unet, load_vae, torch_key
