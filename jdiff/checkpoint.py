@@ -12,15 +12,38 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 from jdiff.errors import CheckpointError
+
+
+def _single_host_array_saving() -> None:
+    """On one process, saves each replicated array whole from one device.
+
+    Orbax's default (replica-parallel saving) splits a replicated array into one slice per replica
+    so that several hosts share the writing. On a single host the same process writes every slice
+    anyway, and each slice is an eager XLA op compiled per shape: the first save of a replicated
+    train state on 8 devices took ~10x longer than a whole-array save (32 s vs 3 s for 300 small
+    arrays, measured on 2 CPU cores). Multi-process runs keep orbax's default.
+    """
+    if jax.process_count() == 1 and not _SINGLE_HOST_SAVING:
+        default = ocp.type_handlers.get_type_handler(jax.Array)
+        # Otherwise as orbax's default handler, with its per-host array metadata store.
+        handler = ocp.type_handlers.ArrayHandler(
+            array_metadata_store=getattr(default, "_array_metadata_store", None), use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        _SINGLE_HOST_SAVING.append(handler)
+
+
+_SINGLE_HOST_SAVING: list = []  # the handler once registered (once per process)
 
 
 class Checkpoints:
     """The checkpoints of one training stage, in `directory/<step>/`."""
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
+        _single_host_array_saving()
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)

@@ -30,3 +30,26 @@ os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for the subprocesses 
 def one_device():
     """A `data` mesh of one device: the unsharded baseline (and faster for tiny batches)."""
     return Mesh(jax.devices()[:1], ("data",))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """`tiny_models.make_tiny_sd_pipeline`'s default checkpoint (seed 0), written once for every test
+    file that reads it. Read only: a test that changes files copies it first."""
+    from tiny_models import make_tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("shared") / "tiny_sd"
+    make_tiny_sd_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_dir(tmp_path_factory):
+    """The tiny config's shapes set (32 px, 64 train and 16 test examples, seed 0) as a data_dir,
+    built once. Read only."""
+    from jdiff.app.shapes_tfds import load_shapes
+
+    folder = tmp_path_factory.mktemp("shared_shapes")
+    for split in ("train", "test"):
+        load_shapes(folder, split, num_train=64, num_test=16)
+    return folder

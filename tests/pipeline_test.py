@@ -18,10 +18,11 @@ TOL = 2 / 255
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    reference = make_tiny_sd_pipeline(folder)
-    return folder, reference, jdiff.load_pipeline(folder)
+def tiny(tiny_sd_folder):
+    from diffusers import StableDiffusionPipeline
+
+    # the session's make_tiny_sd_pipeline(folder), read as make_tiny_sd_pipeline returns it
+    return tiny_sd_folder, StableDiffusionPipeline.from_pretrained(tiny_sd_folder), jdiff.load_pipeline(tiny_sd_folder)
 
 
 def reference_latents(batch=2, seed=0):

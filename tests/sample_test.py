@@ -10,14 +10,11 @@ import sample
 from jdiff import image_io
 from jdiff.app import prompts
 from jdiff.errors import ConfigError
-from tiny_models import make_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    make_tiny_sd_pipeline(folder)
-    return folder
+def model(tiny_sd_folder):
+    return tiny_sd_folder  # make_tiny_sd_pipeline's checkpoint, shared by the session
 
 
 def test_prompts_file_batches_metadata_and_grid(model, tmp_path, capsys):

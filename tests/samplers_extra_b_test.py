@@ -71,27 +71,6 @@ def test_sde_trajectories_match_diffusers_given_the_same_noise(name, raw, steps,
     assert_same_trajectory(ours, run_diffusers(name, raw, steps, noise, keys, monkeypatch=monkeypatch))
 
 
-IMG2IMG = [
-    ("unipc", SD, 10, 0.55),
-    ("unipc", {**SD, "solver_order": 3}, 12, 0.6),
-    ("dpm++2m_sde", SD, 10, 0.55),
-    ("dpm++_single", SD, 10, 0.55),  # starts inside a pair of steps
-    ("dpm++_single", {**SD, "solver_order": 3}, 12, 0.6),
-    ("dpm++_single", {**SD, "solver_order": 3}, 12, 0.55),
-]
-
-
-@pytest.mark.parametrize("name,raw,steps,strength", IMG2IMG, ids=[f"{c[0]}-{i}" for i, c in enumerate(IMG2IMG)])
-def test_image_to_image_starts_part_way_as_diffusers_does(name, raw, steps, strength, monkeypatch):
-    noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
-    keys = jax.random.split(jax.random.key(0), SHAPE[0])
-    ours = run_jdiff(name, raw, steps, noise, keys, strength=strength)
-    reference = run_diffusers(name, raw, steps, noise, keys, strength=strength,
-                              monkeypatch=monkeypatch if samplers.get(name).stochastic else None)
-    assert len(ours[0]) == int(steps * strength)
-    assert_same_trajectory(ours, reference)
-
-
 def _diffusers_config(cls_name, **settings):
     raw = dict(getattr(diffusers, cls_name)(**settings).config)
     return {k: v for k, v in raw.items() if not k.startswith("_")}

@@ -5,6 +5,7 @@ input along the way (the trajectory) and the final latents are compared. Stochas
 the same injected noise: diffusers' `randn_tensor` is patched to return jdiff's per-step noise.
 """
 
+import functools
 import importlib
 
 import jax
@@ -99,24 +100,34 @@ def run_diffusers(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0, m
     return inputs, x.numpy()
 
 
+_RECORDED = []  # the model inputs of the current `_run`, in call order
+
+
+def _recording_model(x_in, t):
+    jax.debug.callback(lambda a, b: _RECORDED.append((np.asarray(a), float(b))), x_in, t, ordered=True)
+    return model_jax(x_in, t)
+
+
+@functools.partial(jax.jit, static_argnames="from_noise")
+def _run(noise, plan, keys, from_noise):
+    # image-to-image starts from given latents (here the noise itself), text-to-image from noise at
+    # the sampler's initial scale
+    x = samplers.initial_latents(noise, plan) if from_noise else noise
+    return samplers.sample(_recording_model, x, plan, keys)
+
+
 def run_jdiff(name, raw_config, steps, noise, keys, strength=1.0, eta=0.0):
+    """(model inputs, final latents) of jdiff's sampler. One module-level jit: cases that differ
+    only in traced values (step count, strength, eta) reuse one compiled loop, as generate() does;
+    the recording callback keeps these programs out of the persistent cache."""
     plan = samplers.make_plan(name, SchedulerConfig.from_dict(raw_config), steps, strength=strength, eta=eta,
                               explicit=frozenset(raw_config))
-    inputs = []
-
-    def model_fn(x_in, t):
-        jax.debug.callback(lambda a, b: inputs.append((np.asarray(a), float(b))), x_in, t, ordered=True)
-        return model_jax(x_in, t)
-
-    @jax.jit
-    def run(noise, plan, keys):
-        # image-to-image starts from given latents (here the noise itself), text-to-image from
-        # noise at the sampler's initial scale
-        x = noise if strength < 1 else samplers.initial_latents(noise, plan)
-        return samplers.sample(model_fn, x, plan, keys)
-
-    out = np.asarray(run(jnp.asarray(noise), plan, keys))
     jax.effects_barrier()
+    _RECORDED.clear()
+    out = np.asarray(_run(jnp.asarray(noise), plan, keys, from_noise=strength >= 1))
+    jax.effects_barrier()
+    inputs = list(_RECORDED)
+    _RECORDED.clear()
     return inputs, out
 
 
@@ -174,13 +185,29 @@ def test_stochastic_trajectories_match_diffusers_given_the_same_noise(name, raw,
     assert_same_trajectory(ours, run_diffusers(name, raw, steps, noise, keys, eta=eta, monkeypatch=monkeypatch))
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m"])
-def test_image_to_image_starts_part_way_as_diffusers_does(name):
+# Every sampler family that can start part way (the UniPC, SDE and singlestep cases came from
+# samplers_extra_b_test, which had a copy of this test).
+IMG2IMG = [
+    ("ddim", SD, 10, 0.55),
+    ("euler", SD, 10, 0.55),
+    ("dpm++2m", SD, 10, 0.55),
+    ("unipc", SD, 10, 0.55),
+    ("unipc", {**SD, "solver_order": 3}, 12, 0.6),
+    ("dpm++2m_sde", SD, 10, 0.55),
+    ("dpm++_single", SD, 10, 0.55),  # starts inside a pair of steps
+    ("dpm++_single", {**SD, "solver_order": 3}, 12, 0.6),
+    ("dpm++_single", {**SD, "solver_order": 3}, 12, 0.55),
+]
+
+
+@pytest.mark.parametrize("name,raw,steps,strength", IMG2IMG, ids=[f"{c[0]}-{i}" for i, c in enumerate(IMG2IMG)])
+def test_image_to_image_starts_part_way_as_diffusers_does(name, raw, steps, strength, monkeypatch):
     noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
     keys = jax.random.split(jax.random.key(0), SHAPE[0])
-    ours = run_jdiff(name, SD, 10, noise, keys, strength=0.55)
-    reference = run_diffusers(name, SD, 10, noise, keys, strength=0.55)
-    assert len(ours[0]) == 5
+    ours = run_jdiff(name, raw, steps, noise, keys, strength=strength)
+    reference = run_diffusers(name, raw, steps, noise, keys, strength=strength,
+                              monkeypatch=monkeypatch if samplers.get(name).stochastic else None)
+    assert len(ours[0]) == int(steps * strength)
     assert_same_trajectory(ours, reference)
 
 

@@ -78,24 +78,38 @@ def vae_config(**mesh_sizes):
     return config
 
 
-def vae_train(tmp_path, name, config, num_devices):
+def vae_train(workdir, data_dir, config, num_devices):
     config.vae_train.num_devices = num_devices
-    source = load_shapes(tmp_path / "data", "train", resolution=16, num_train=64, num_test=16)
+    source = load_shapes(data_dir, "train", resolution=16, num_train=64, num_test=16)
     stage = stages.vae_stage(config, to_model_range(np.stack([source[i]["image"] for i in range(4)])))
     loader = make_loader(source, batch_size=config.vae_train.batch_size, seed=0)
-    return train_lib.train(stage, config.vae_train, tmp_path / name, loader, total_batch=config.vae_train.batch_size)
+    return train_lib.train(stage, config.vae_train, workdir, loader, total_batch=config.vae_train.batch_size)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The 16 px shapes set, built once for the module's runs."""
+    folder = tmp_path_factory.mktemp("shapes16")
+    load_shapes(folder, "train", resolution=16, num_train=64, num_test=16)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, data_dir):
+    """The unsharded 20-step run both tests compare with (the tests only read it)."""
+    return vae_train(tmp_path_factory.mktemp("one_device"), data_dir, vae_config(), num_devices=1)
 
 
 @pytest.mark.slow
-def test_meshes_train_like_one_device(tmp_path):
-    one = vae_train(tmp_path, "one", vae_config(), num_devices=1)
+def test_meshes_train_like_one_device(tmp_path, data_dir, one_device_run):
+    one = one_device_run
     reference = [h["loss"] for h in one.history]
     assert reference[-1] < reference[0]  # it does learn
     param_bytes = lambda state: max(sharding.bytes_per_device(state.params).values())  # noqa: E731
     # Each axis alone, then all three at once (a two-axis mix adds nothing the three-axis one lacks).
     for sizes in (dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)):
         name = "_".join(f"{k}{v}" for k, v in sizes.items())
-        result = vae_train(tmp_path, name, vae_config(**sizes), num_devices=8)
+        result = vae_train(tmp_path / name, data_dir, vae_config(**sizes), num_devices=8)
         np.testing.assert_allclose([h["loss"] for h in result.history], reference, rtol=2e-3, err_msg=name)
         if sizes == dict(fsdp=8):
             ratio = param_bytes(result.state) / param_bytes(one.state)
@@ -106,13 +120,13 @@ def test_meshes_train_like_one_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path):
-    straight = vae_train(tmp_path, "straight", vae_config(), num_devices=1)
+def test_checkpoint_from_eight_devices_resumes_on_one(tmp_path, data_dir, one_device_run):
+    straight = one_device_run  # the same config, straight through on one device
     config = vae_config(fsdp=8)
     config.vae_train.run_steps = 8
-    first = vae_train(tmp_path, "moved", config, num_devices=8)
+    first = vae_train(tmp_path / "moved", data_dir, config, num_devices=8)
     assert int(first.state.step) == 8
-    second = vae_train(tmp_path, "moved", vae_config(), num_devices=1)  # same checkpoints, one device
+    second = vae_train(tmp_path / "moved", data_dir, vae_config(), num_devices=1)  # same checkpoints, one device
     assert [h["step"] for h in second.history][0] == 9
     losses = [h["loss"] for h in first.history + second.history]
     np.testing.assert_allclose(losses, [h["loss"] for h in straight.history], rtol=2e-3)

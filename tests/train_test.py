@@ -2,6 +2,7 @@
 SIGKILL mid-save), one vs eight devices, fine-tuning a diffusers checkpoint, and bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError, TrainingError
 from jdiff.image_io import read_png_parameters
 from jdiff.losses import sample_timesteps
-from tiny_models import make_tiny_sd_pipeline, write_captioned_pictures
+from tiny_models import write_captioned_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,39 +51,50 @@ def test_whole_recipe_exports_a_pipeline_that_jdiff_and_diffusers_load(tmp_path)
     assert again["num_prompts"] == results["num_prompts"]
 
 
-def vae_run(tmp_path, name, **section):
-    """A tiny VAE stage on the shapes set; returns (train result, config)."""
+def vae_run(root, name, data_dir, **section):
+    """A tiny VAE stage on the shapes set (built in data_dir); returns (train result, config)."""
     config = tiny.get_config()
     config.vae_train.update(log_every=1, **section)
-    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    source = load_shapes(data_dir, "train", num_train=64, num_test=16)
     test_images = to_model_range(np.stack([source[i]["image"] for i in range(4)]))
     stage = stages.vae_stage(config, test_images)
     per_process = config.vae_train.batch_size
     loader = make_loader(source, batch_size=per_process, seed=0)
-    return train_lib.train(stage, config.vae_train, tmp_path / name, loader, total_batch=per_process), config
+    return train_lib.train(stage, config.vae_train, root / name, loader, total_batch=per_process), config
 
 
 def losses(result):
     return [h["loss"] for h in result.history]
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight, _ = vae_run(tmp_path, "straight", steps=6)
-    first, _ = vae_run(tmp_path, "resumed", steps=6, run_steps=3)
+@pytest.fixture(scope="module")
+def six_step_run(tmp_path_factory, tiny_shapes_dir):
+    """One finished 6-step tiny VAE run on all eight devices (checkpoints at steps 3 and 6): the
+    straight-through reference and a workdir to copy. (result, workdir); never written to."""
+    root = tmp_path_factory.mktemp("six_steps")
+    result, _ = vae_run(root, "run", tiny_shapes_dir, steps=6, num_devices=8)
+    return result, root / "run"
+
+
+def test_resume_continues_exactly(tmp_path, tiny_shapes_dir, six_step_run):
+    straight, _ = six_step_run
+    first, _ = vae_run(tmp_path, "resumed", tiny_shapes_dir, steps=6, run_steps=3)
     assert int(first.state.step) == 3
-    second, _ = vae_run(tmp_path, "resumed", steps=6)
+    second, _ = vae_run(tmp_path, "resumed", tiny_shapes_dir, steps=6)
     assert [h["step"] for h in second.history] == [4, 5, 6]
     np.testing.assert_allclose(losses(first) + losses(second), losses(straight), rtol=1e-6)
 
 
-def test_same_losses_on_one_and_eight_devices(tmp_path):
+def test_same_losses_on_one_and_eight_devices(tmp_path, tiny_shapes_dir, six_step_run):
     assert len(jax.devices()) == 8
-    one, _ = vae_run(tmp_path, "one", steps=4, num_devices=1)
-    eight, _ = vae_run(tmp_path, "eight", steps=4, num_devices=8)
+    eight, _ = six_step_run
+    # Six steps (the shared eight-device run's count, so its compiled step is reused), not four.
+    one, _ = vae_run(tmp_path, "one", tiny_shapes_dir, steps=6, num_devices=1)
+    assert len(losses(one)) == len(losses(eight)) == 6
     np.testing.assert_allclose(losses(eight), losses(one), rtol=2e-4)
 
 
-def diffusion_run(tmp_path, name, cached: bool):
+def diffusion_run(tmp_path, name, data_dir, cached: bool):
     """Three steps of a tiny diffusion stage on a random VAE, encoding on the fly or from a cache."""
     import jax.numpy as jnp
 
@@ -92,7 +104,7 @@ def diffusion_run(tmp_path, name, cached: bool):
 
     config = tiny.get_config()
     config.diffusion_train.update(steps=3, log_every=1)
-    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    source = load_shapes(data_dir, "train", num_train=64, num_test=16)
     vae = families.build(config).vae
     vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     tokenizer = write_caption_tokenizer(tmp_path / f"{name}_tokenizer", [source[i]["caption"].decode() for i in range(64)],
@@ -108,14 +120,14 @@ def diffusion_run(tmp_path, name, cached: bool):
     return train_lib.train(stage, config.diffusion_train, tmp_path / name, loader, total_batch=8)
 
 
-def test_cached_latents_train_exactly_as_encoding_every_batch(tmp_path):
-    on_the_fly = diffusion_run(tmp_path, "on_the_fly", cached=False)
-    cached = diffusion_run(tmp_path, "cached", cached=True)
+def test_cached_latents_train_exactly_as_encoding_every_batch(tmp_path, tiny_shapes_dir):
+    on_the_fly = diffusion_run(tmp_path, "on_the_fly", tiny_shapes_dir, cached=False)
+    cached = diffusion_run(tmp_path, "cached", tiny_shapes_dir, cached=True)
     np.testing.assert_allclose(losses(cached), losses(on_the_fly), rtol=1e-5)
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    vae_run(tmp_path, "run", steps=6)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_shapes_dir, six_step_run):
+    shutil.copytree(six_step_run[1], tmp_path / "run")  # a finished vae_run(steps=6)
     newest = tmp_path / "run" / "checkpoints" / "6"
     damaged = 0
     for path in newest.rglob("*"):
@@ -124,7 +136,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
             damaged += 1
     assert damaged
     with pytest.warns(UserWarning, match="step 6 .* cannot be read"):
-        resumed, _ = vae_run(tmp_path, "run", steps=8)
+        resumed, _ = vae_run(tmp_path, "run", tiny_shapes_dir, steps=8)
     assert [h["step"] for h in resumed.history] == [4, 5, 6, 7, 8]
     assert (tmp_path / "run" / "checkpoints" / "6.unreadable").is_dir()  # kept aside, not deleted
 
@@ -159,10 +171,10 @@ class PoisonedLoader:
         return It()
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_shapes_dir):
     config = tiny.get_config()
     config.vae_train.update(steps=8, log_every=4, checkpoint_every=3)
-    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    source = load_shapes(tiny_shapes_dir, "train", num_train=64, num_test=16)
     stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
     loader = PoisonedLoader(make_loader(source, batch_size=8, seed=0), at=5)
     with pytest.raises(TrainingError, match=r"non-finite value at step 5 .* last good checkpoint is step 3"):
@@ -207,9 +219,8 @@ def test_killed_during_an_asynchronous_save_resumes_from_the_last_complete_check
     assert int(result.state.step) == complete[-1] + 2
 
 
-def test_fine_tune_a_diffusers_checkpoint_on_an_image_folder(tmp_path):
-    base = tmp_path / "base"
-    make_tiny_sd_pipeline(base)
+def test_fine_tune_a_diffusers_checkpoint_on_an_image_folder(tmp_path, tiny_sd_folder):
+    base = tiny_sd_folder  # make_tiny_sd_pipeline's checkpoint (read only here)
     images = write_captioned_pictures(tmp_path / "my_pictures", 40, 48)
     config = tiny.get_config()
     config.pretrained = str(base)
@@ -227,7 +238,7 @@ def test_fine_tune_a_diffusers_checkpoint_on_an_image_folder(tmp_path):
     assert all(jax.tree.leaves(same_text))  # frozen
 
 
-def test_bad_input(tmp_path):
+def test_bad_input(tmp_path, tiny_shapes_dir, six_step_run):
     config = tiny.get_config()
     config.data.update(dataset="folder", folder=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="missing"):
@@ -241,10 +252,10 @@ def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="unknown stage"):
         recipe.run(config, tmp_path / "c")
     # Resuming with a different model is refused, naming the field.
-    vae_run(tmp_path, "run", steps=3)
+    shutil.copytree(six_step_run[1], tmp_path / "run")  # a finished tiny vae_run
     config = tiny.get_config()
     config.vae.block_out_channels = (8, 8)
-    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    source = load_shapes(tiny_shapes_dir, "train", num_train=64, num_test=16)
     stage = stages.vae_stage(config, to_model_range(np.stack([source[0]["image"]])))
     with pytest.raises(TrainingError, match="block_out_channels"):
         train_lib.train(stage, config.vae_train, tmp_path / "run", make_loader(source, batch_size=8, seed=0),
@@ -271,7 +282,7 @@ def test_detector_reads_real_images():
     assert shapes_eval.score(blurred, labels)["shape_accuracy"] >= 0.9
 
 
-def test_vae_trains_on_random_windows(tmp_path):
+def test_vae_trains_on_random_windows(tmp_path, tiny_shapes_dir):
     images = jax.numpy.arange(2 * 12 * 10 * 3, dtype=jax.numpy.float32).reshape(2, 12, 10, 3)
     seen = set()
     for seed in range(20):
@@ -284,7 +295,7 @@ def test_vae_trains_on_random_windows(tmp_path):
     # With vae.train_crop the VAE loss of a 32x32 batch is the loss of one 16x16 window of it.
     config = tiny.get_config()
     config.vae.train_crop = 16
-    source = load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
+    source = load_shapes(tiny_shapes_dir, "train", num_train=64, num_test=16)
     batch = to_model_range(np.stack([source[i]["image"] for i in range(4)]))
     stage = stages.vae_stage(config, batch[:1])
     whole = stages.vae_stage(tiny.get_config(), batch[:1])
