@@ -31,11 +31,11 @@ MICRO_CONDITIONING = {"original_size": None, "crops_coords_top_left": (0, 0), "t
 
 
 def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
-    present = [name for name in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
+    missing = [name for name in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
                if not (folder / name).is_dir()]
-    if present:
+    if missing:
         raise CheckpointError(f"{str(folder)!r} is not an SDXL checkpoint: it lacks "
-                              f"{', '.join(m + '/' for m in present)}.")
+                              f"{', '.join(m + '/' for m in missing)}.")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     modules, params, tokenizers = {}, {}, {}
     modules["unet"], params["unet"] = convert.load_unet(folder / "unet", **kw)
