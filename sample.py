@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--init-image", help="image-to-image: the starting picture")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change")
     p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file or folder (diffusers/PEFT or kohya), at SCALE (default 1.0); repeatable")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
     p.add_argument("--out", default="samples")
@@ -46,6 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--num-processes", type=int, help="multi-process: how many processes")
     p.add_argument("--process-id", type=int, help="multi-process: this process's index")
     return p.parse_args(argv)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'PATH' or 'PATH:SCALE' -> (path, scale)."""
+    path, _, scale = spec.rpartition(":")
+    if not path:
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ConfigError(f"--lora {spec!r}: the part after the last ':' must be a scale (a number).") from None
 
 
 def main(argv=None) -> int:
@@ -61,11 +74,19 @@ def main(argv=None) -> int:
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
         jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype))
+        lora_scales = {}
+        for i, spec in enumerate(args.lora):
+            path, scale = parse_lora(spec)
+            name = f"lora_{i}"
+            pipe = jdiff.load_lora_weights(pipe, path, adapter_name=name)
+            lora_scales[name] = scale
         default_sampler, default_steps = jdiff.checkpoint_sampling(pipe)
         guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
         settings = dict(sampler=args.sampler or default_sampler, steps=args.steps or default_steps,
                         guidance=guidance, height=args.height,
                         width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
+        if lora_scales:
+            settings["lora_scales"] = lora_scales
         refiner = None
         if args.refiner:
             if args.init_image or args.mask:
@@ -78,7 +99,8 @@ def main(argv=None) -> int:
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
         inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("refiner", args.refiner),
-                                    ("high_noise_frac", args.refiner and args.high_noise_frac)) if v}
+                                    ("high_noise_frac", args.refiner and args.high_noise_frac),
+                                    ("lora", args.lora)) if v}
         stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs,
                                      refiner)
     except (ConfigError, CheckpointError) as e:

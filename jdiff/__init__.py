@@ -12,6 +12,7 @@ from jdiff.convert import (
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
 from jdiff.families import FAMILIES, build, load_pipeline, save_pipeline
 from jdiff.families.base import Family, Pipeline
+from jdiff.lora import fuse_lora, load_lora_weights, save_lora_weights, unload_lora_weights
 from jdiff.pipeline import checkpoint_sampling, generate
 from jdiff.samplers import SAMPLERS
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "FAMILIES", "Family", "Pipeline", "SAMPLERS", "TrainingError", "build",
-    "checkpoint_sampling", "generate", "load_pipeline", "save_pipeline",
+    "checkpoint_sampling", "fuse_lora", "generate", "load_lora_weights", "load_pipeline", "save_lora_weights",
+    "save_pipeline", "unload_lora_weights",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "save_text_encoder", "save_unet", "save_vae",
 ]

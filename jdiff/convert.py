@@ -169,7 +169,7 @@ def state_dict_from_params(params) -> dict[str, np.ndarray]:
     return {torch_key(p): np.ascontiguousarray(to_torch_layout(p, np.asarray(v))) for p, v in flat.items()}
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Writes through a temporary file and a rename, so a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -184,9 +184,9 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
 def write_folder(folder, config: dict, state: dict[str, np.ndarray], weights_name: str) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / "config.json",
+    write_atomically(folder / "config.json",
                       lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    _write_atomically(folder / weights_name,
+    write_atomically(folder / weights_name,
                       lambda p: safetensors.numpy.save_file(state, p, metadata={"format": "pt"}))
 
 

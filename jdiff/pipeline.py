@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import guidance as guidance_lib, samplers, sharding
+from jdiff import guidance as guidance_lib, lora, samplers, sharding
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models.vae import scale_latents, unscale_latents
@@ -98,9 +98,11 @@ def _encode_image(vae, params, images):
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescale, image, mask, *, static: _Static):
+def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, rescale, image, mask,
+              *, static: _Static):
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
+    modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
     cond = family.encode_prompts(modules, params, tokens, static.clip_skip)
     keys = jax.vmap(jax.random.key)(seeds)
     noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -143,11 +145,14 @@ def _generate(params, tokens, negative_tokens, seeds, noise, plan, scale, rescal
 
 
 def _placed_params(pipe: Pipeline, mesh: Mesh):
-    """The weights laid out on `mesh`: replicated, except over a mesh's fsdp/tensor axes."""
+    """(weights, LoRA adapters) laid out on `mesh`: the weights replicated, except over a mesh's
+    fsdp/tensor axes; the adapters (small) replicated."""
     key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names, mesh.devices.shape)
     if key not in pipe._placed:
         pipe._placed.clear()
-        pipe._placed[key] = sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh))
+        pipe._placed[key] = (sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh)),
+                             sharding.put(dict(pipe.adapters), jax.tree.map(lambda _: NamedSharding(mesh, P()),
+                                                                            dict(pipe.adapters))))
     return pipe._placed[key]
 
 
@@ -196,6 +201,7 @@ def generate(
     negative_target_size=None,
     aesthetic_score=None,
     negative_aesthetic_score=None,
+    lora_scales=None,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -226,6 +232,9 @@ def generate(
       aesthetic_score, negative_aesthetic_score: SDXL's micro-conditioning, with diffusers'
       defaults ((height, width), (0, 0), (height, width), 6.0, 2.5); a (height, width) pair or one
       pair per prompt.
+    lora_scales: the loaded LoRA adapters' scales (jdiff.load_lora_weights): {name: scale} for the
+      batch, or a list of one such dict per prompt (adapters mixed per image in one batch); a name
+      left out is off. Default: every loaded adapter at 1.0. Traced: changing them never recompiles.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -312,9 +321,9 @@ def generate(
         extra, negative_extra = family.extra_conditioning(pipe, batch, height, width, options, given)
     negatives = ["" if n is None else n for n in negatives]
     batch_inputs = ({**family.tokenize(pipe, prompts), **extra}, {**family.tokenize(pipe, negatives), **negative_extra},
-                    _seeds(seed, batch), latents, image, mask_array)
+                    _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch))
     sharded = sharding.batch_sharding(mesh)
-    tokens, negative_tokens, seeds, noise, image, mask_array = jax.tree.map(
+    tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
     plan, scale, rescale = jax.tree.map(lambda a: sharding.put(a, replicated),
@@ -322,6 +331,7 @@ def generate(
     static = _Static(family, tuple(sorted(pipe.modules.items())), (padded,) + latent_shape[1:], mode, use_cfg,
                      clip_skip, latents is not None, init_latents is not None, denoising_start is None,
                      output_type == "latent")
-    images = _generate(_placed_params(pipe, mesh), tokens, negative_tokens, seeds, noise, plan, scale, rescale,
+    params, adapters = _placed_params(pipe, mesh)
+    images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, rescale,
                        image, mask_array, static=static)
     return _to_host(images)[:batch]

@@ -44,6 +44,16 @@ def tiny_sd_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """`tiny_models.make_tiny_sdxl_pipeline`'s default base checkpoint, written once. Read only."""
+    from tiny_models import make_tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("shared") / "tiny_sdxl"
+    make_tiny_sdxl_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_shapes_dir(tmp_path_factory):
     """The tiny config's shapes set (32 px, 64 train and 16 test examples, seed 0) as a data_dir,
     built once. Read only."""

@@ -19,9 +19,9 @@ XL = "diffusers.pipelines.stable_diffusion_xl."
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sdxl")
-    return folder, make_tiny_sdxl_pipeline(folder), jdiff.load_pipeline(folder)
+def base(tiny_sdxl_folder):
+    folder = tiny_sdxl_folder
+    return folder, diffusers.StableDiffusionXLPipeline.from_pretrained(folder), jdiff.load_pipeline(folder)
 
 
 @pytest.fixture(scope="module")

@@ -118,3 +118,35 @@ def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10):
                    unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder)
     return cls.from_pretrained(folder)
+
+
+def write_random_lora(pipeline_folder, lora_folder, *, seed: int, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+                      text_targets=("q_proj", "v_proj"), rank: int = 4, alpha: float = 8, scale: float = 0.3,
+                      rank_pattern=None, alpha_pattern=None):
+    """A LoRA with random, non-zero weights (PEFT initialises up matrices to zero) for the diffusers
+    pipeline in `pipeline_folder`, written by diffusers' own `save_lora_weights` with PEFT's metadata.
+    Text targets go into every text encoder the pipeline has."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
+    generator = torch.Generator().manual_seed(seed)
+    layers, metadata = {}, {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        targets = unet_targets if name == "unet" else text_targets
+        if model is None or not targets:
+            continue
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian",
+                            rank_pattern=dict(rank_pattern or {}) if name == "unet" else {},
+                            alpha_pattern=dict(alpha_pattern or {}) if name == "unet" else {})
+        model.add_adapter(config)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if "lora_A" in key or "lora_B" in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+        metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    type(pipe).save_lora_weights(lora_folder, **layers, **metadata)
+    return lora_folder

@@ -64,7 +64,8 @@ def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, re
     if refiner is None:
         return generate(pipe, prompts, **kw, **settings)
     latents = generate(pipe, prompts, **kw, **settings, denoising_end=refiner.high_noise_frac, output_type="latent")
-    finish = {k: v for k, v in settings.items() if k not in ("height", "width")}
+    # The base's LoRA adapters are the base's own: the refiner runs as it is.
+    finish = {k: v for k, v in settings.items() if k not in ("height", "width", "lora_scales")}
     return generate(refiner.pipe, prompts, **kw, **{**finish, **refiner.settings}, init_latents=latents,
                     denoising_start=refiner.high_noise_frac)
 

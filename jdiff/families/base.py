@@ -41,6 +41,9 @@ class Family:
       where training drops a caption, made from each training example's own fields (SDXL: time ids
       from "original_size" and "crop_top_left"). None: the conditioning is the text alone.
     trains_text_encoders: False when training may not update the text encoders (they stay frozen).
+    kohya_prefixes: {component: prefix} of kohya-format LoRA keys (`lora_unet`, `lora_te`, ...).
+    kohya_sgm_unet: kohya's files name this family's U-Net layers as the original LDM/SGM U-Net
+      does (`input_blocks_4_1_...`, SDXL) rather than as diffusers does (SD 1.x/2.x).
     """
 
     name: str
@@ -60,13 +63,17 @@ class Family:
     training_conditioning: Callable = None
     trains_text_encoders: bool = True
     default_guidance: float = 7.5  # diffusers' guidance_scale default for the family's pipelines
+    kohya_prefixes: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: {"unet": "lora_unet", "text_encoder": "lora_te"})
+    kohya_sgm_unet: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
     """A family's components: Flax modules and tokenizers by their diffusers component names
     (`pipe.unet`, `pipe.text_encoder`, `pipe.tokenizer` read them), the checkpoint's scheduler,
-    and the parameters by component name."""
+    and the parameters by component name. `adapters` are the LoRA adapters loaded beside the
+    parameters (applied unmerged by generate(); see jdiff.lora)."""
 
     family: Family
     modules: Mapping[str, Any]
@@ -76,6 +83,7 @@ class Pipeline:
     source: str = ""
     pipeline_class: str = ""  # model_index.json's `_class_name`
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model_index.json's own options
+    adapters: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # LoRA: {name: tree}, see jdiff.lora
     _placed: dict = dataclasses.field(default_factory=dict, repr=False)  # params per mesh (generate)
 
     def __getattr__(self, name):

@@ -255,4 +255,5 @@ FAMILY = Family(
     inpainting_channels=stable_diffusion.inpainting_channels, init_params=init_params,
     extra_conditioning=extra_conditioning, default_guidance=5.0,
     # Both encoders stay frozen in training (as in diffusers' SDXL script): training them is untested here.
-    training_conditioning=training_conditioning, trains_text_encoders=False)
+    training_conditioning=training_conditioning, trains_text_encoders=False,
+    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, kohya_sgm_unet=True)
