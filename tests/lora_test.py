@@ -215,3 +215,21 @@ def test_files_that_do_not_fit_get_clear_errors(sd, tmp_path):
         jdiff.generate(pipe, PROMPTS, steps=1, lora_scales={"style": 1.0})
     assert json.loads(safetensors.safe_open(str(jdiff.save_lora_weights(with_lora, tmp_path / "out")), "np")
                       .metadata()["lora_adapter_metadata"])["unet.r"] == 4
+
+
+def test_sample_py_applies_loras_at_their_scales(sd, tmp_path):
+    import sample
+    from PIL import Image
+
+    folder, pipe, style, subject = sd
+    out = tmp_path / "out"
+    assert sample.main(["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--seed", "3",
+                        "--lora", f"{style}:0.7", "--lora", str(subject), "--out", str(out)]) == 0
+    with Image.open(out / "00000.png") as image:
+        drawn = np.asarray(image, np.float32) / 255
+        assert str(style) in image.text["lora"]
+    both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style), subject)
+    expected = jdiff.generate(both, PROMPTS[0], steps=2, seed=3, lora_scales={"default_0": 0.7, "default_1": 1.0})
+    np.testing.assert_allclose(drawn, expected[0], atol=1.5 / 255)
+    assert sample.main(["--model", str(folder), "--prompt", "a", "--lora", f"{style}:strong"]) == 2
+    assert sample.main(["--model", str(folder), "--prompt", "a", "--lora", str(tmp_path / "none.safetensors")]) == 2
