@@ -133,6 +133,14 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     config.family = "stable-diffusion"  # the model family built from config.vae/.text/.unet (jdiff.families)
     config.pretrained = ""  # a diffusers folder to fine-tune (its VAE, tokenizer, text encoder, U-Net)
+    # LoRA instead of full fine-tuning (with config.pretrained): rank > 0 trains adapters on the
+    # targeted layers (PEFT's target_modules rule), every pretrained weight frozen; the export is
+    # <workdir>/lora/pytorch_lora_weights.safetensors (sample.py --model PRETRAINED --lora WORKDIR/lora).
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=0.0,  # alpha 0 = the rank (scale 1), as diffusers' LoRA scripts
+        unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
+        text_encoder_targets=(),  # e.g. ("q_proj", "k_proj", "v_proj", "out_proj"): every text encoder
+    ))
 
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))

@@ -7,6 +7,7 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
     <workdir>/vae/checkpoints/      VAE train states          <workdir>/vae/export/  its diffusers folder
     <workdir>/diffusion/checkpoints/ U-Net (+ text) states    <workdir>/tokenizer/   caption tokenizer
     <workdir>/pipeline/             the trained model as a diffusers pipeline folder (sample.py --model)
+    <workdir>/lora/                 instead, with config.lora.rank > 0: the trained LoRA (sample.py --lora)
     <workdir>/samples/grid.png, <workdir>/evaluation.json
 """
 
@@ -24,6 +25,7 @@ from jdiff.data import decode_example, encode_conditioning, encode_source, make_
 from jdiff.data.image_folder import ImageFolder
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
+from jdiff.lora import save_lora_weights, training as lora_training
 
 STAGES = ("vae", "diffusion")
 
@@ -111,8 +113,11 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
     scheduler = schedules.training_scheduler(base.scheduler, dict(config.diffusion.schedule),
                                              config.diffusion.change_prediction_type)
     base = base.replace(scheduler=scheduler)
+    lora = lora_spec(config, base)
 
     def pipeline_from(params) -> Pipeline:
+        if lora is not None:  # the base model with the trained adapter
+            return base.replace(adapters={"lora": lora_training.with_alpha(params["lora"], lora.alpha)})
         return base.replace(params={**base.params, **params}, source=str(workdir / "pipeline"))
 
     def evaluate(params, step):
@@ -129,8 +134,10 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
     stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler.config),
                                    latent_size=config.data.resolution // vae.config.downscale,
                                    caption_dropout=config.data.caption_dropout,
-                                   train_text_encoder=config.diffusion.train_text_encoder, evaluate=evaluate,
-                                   cached_latents=cache, cached_conditioning=cache_text)
+                                   # LoRA freezes every pretrained weight; text encoders get adapters instead
+                                   train_text_encoder=config.diffusion.train_text_encoder and lora is None,
+                                   evaluate=evaluate,
+                                   cached_latents=cache, cached_conditioning=cache_text, lora=lora)
     if cache:  # the VAE is frozen: encode once rather than at every step
         train_source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
                                      show_progress=distributed.is_main())
@@ -144,8 +151,26 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
         return None  # stopped early (run_steps): the next invocation resumes
     pipe = pipeline_from(sharding.gather(state.ema_params))
     if distributed.is_main():
-        save_pipeline(pipe, workdir / "pipeline")
+        if lora is not None:
+            save_lora_weights(pipe, workdir / "lora", adapter_name="lora")
+        else:
+            save_pipeline(pipe, workdir / "pipeline")
     return pipe
+
+
+def lora_spec(config, pipe: Pipeline) -> lora_training.LoraSpec | None:
+    """config.lora as a LoraSpec (None: full training); LoRA adapts a pretrained model."""
+    section = config.get("lora")
+    if section is None or section.rank == 0:
+        return None
+    if not config.pretrained:
+        raise ConfigError("config.lora.rank > 0 trains LoRA adapters on a pretrained model: set config.pretrained.")
+    if section.rank < 0 or section.alpha < 0:
+        raise ConfigError(f"config.lora.rank and alpha must not be negative, got {section.rank} and {section.alpha}.")
+    targets = {pipe.family.denoiser_name: tuple(section.unet_targets)}
+    targets.update({name: tuple(section.text_encoder_targets) for name in pipe.family.text_encoder_names
+                    if name in pipe.params})
+    return lora_training.LoraSpec(int(section.rank), float(section.alpha or section.rank), targets)
 
 
 def run(config, workdir) -> dict:

@@ -14,6 +14,9 @@ from jdiff import families, losses
 from jdiff.batching import map_batches
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline
+from jdiff.lora import training as lora_training
+from jdiff.lora.apply import with_adapters
+from jdiff.lora.training import LoraSpec
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents, standardize_latents
 from jdiff.train_lib import Stage
 
@@ -158,7 +161,8 @@ def conditioning_encoder(pipe: Pipeline, size: int, with_dropped: bool = True):
 
 def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
                     train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
-                    cached_conditioning: bool = False, model_meta: dict | None = None) -> Stage:
+                    cached_conditioning: bool = False, model_meta: dict | None = None,
+                    lora: LoraSpec | None = None) -> Stage:
     """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
     noised VAE latents of captioned images.
 
@@ -170,6 +174,9 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     `encode_conditioning` with `conditioning_encoder`) instead of captions; the text encoders then
     never reach the devices. Conditioning that is not text (SDXL's time ids) comes from each
     example's fields through the family's `training_conditioning`.
+
+    lora: train LoRA adapters (trainable params {"lora": {component: {path: {"down", "up"}}}}) on
+    the targeted layers, every pretrained weight frozen (and sharded like any frozen parameter).
     """
     family, modules, vae = pipe.family, pipe.modules, pipe.vae
     if train_text_encoder and not family.trains_text_encoders:
@@ -178,7 +185,19 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     if train_text_encoder and cached_conditioning:
         raise ConfigError("data.cache_text_embeddings needs frozen text encoders: set "
                           "--config.diffusion.train_text_encoder=False or --config.data.cache_text_embeddings=False.")
-    trained = (family.denoiser_name,) + (family.text_encoder_names if train_text_encoder else ())
+    if lora is not None:
+        if train_text_encoder:
+            raise ConfigError("LoRA training keeps every pretrained weight frozen: set "
+                              "--config.diffusion.train_text_encoder=False (adapt text encoders with lora.text_encoder_targets).")
+        if cached_conditioning and any(lora.targets.get(n) for n in family.text_encoder_names):
+            raise ConfigError("data.cache_text_embeddings cannot be used with LoRA on a text encoder: its "
+                              "conditioning changes as it trains.")
+        missing = [n for n in (family.denoiser_name,) + family.text_encoder_names if n not in pipe.params]
+        if missing:
+            raise ConfigError(f"LoRA training adapts a pretrained model; {', '.join(missing)} have no weights: "
+                              f"set config.pretrained.")
+    trained = () if lora is not None else (
+        (family.denoiser_name,) + (family.text_encoder_names if train_text_encoder else ()))
     frozen_text = [n for n in family.text_encoder_names if n not in trained and n not in pipe.params]
     if frozen_text:
         raise ConfigError(f"train_text_encoder=False needs pretrained text encoders ({', '.join(frozen_text)}): "
@@ -188,6 +207,8 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     size = latent_size * vae.config.downscale  # the training images' resolution (SDXL's target size)
 
     def init_params(rng):
+        if lora is not None:
+            return {"lora": lora_training.init_adapter(pipe.params, lora.targets, lora.rank, rng)}
         missing = [n for n in trained if n not in pipe.params]  # none when fine-tuning
         fresh = family.init_params(modules, missing, rng, latent_shape) if missing else {}
         return {n: pipe.params[n] if n in pipe.params else fresh[n] for n in trained}
@@ -202,14 +223,18 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         # Caption dropout: the model also learns the unconditional prediction guidance needs.
         dropped = jax.random.uniform(drop_rng, (x0.shape[0],)) < caption_dropout
         all_params = {**frozen, **params}
+        models = modules
+        if lora is not None:  # every adapted layer adds its update (scale 1, the file's alpha)
+            adapters = {"lora": lora_training.with_alpha(params["lora"], lora.alpha)}
+            models = with_adapters(modules, adapters, jnp.ones((1, 1), jnp.float32))
         if cached_conditioning:  # encoding is per example, so dropping after it equals dropping before
             cond = batch["conditioning"]
             if caption_dropout > 0:
                 cond = drop_captions(dropped, batch["dropped_conditioning"], cond)
         else:
             tokens = drop_captions(dropped, batch["dropped_tokens"], batch["tokens"])
-            cond = family.encode_prompts(modules, all_params, tokens)
-        model_fn = family.denoiser(modules, all_params)
+            cond = family.encode_prompts(models, all_params, tokens)
+        model_fn = family.denoiser(models, all_params)
         loss, _ = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
         return loss, {}
 
@@ -227,9 +252,13 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
 
     frozen = {} if cached_conditioning else {n: pipe.params[n] for n in family.text_encoder_names
                                              if n not in trained}
+    if lora is not None:
+        frozen[family.denoiser_name] = pipe.params[family.denoiser_name]
     if not cached_latents:
         frozen["vae"] = pipe.params["vae"]
     meta = {n: m.config.to_dict() for n, m in modules.items()}
     meta.update(objective=dataclasses.asdict(objective), trained=list(trained), **(model_meta or {}))
+    if lora is not None:
+        meta["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": {k: list(v) for k, v in lora.targets.items()}}
     return Stage("diffusion", init_params, loss_fn, prepare_batch, frozen=frozen, evaluate=evaluate,
                  model_meta=meta)
