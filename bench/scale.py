@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import losses, sharding, train_lib  # noqa: E402
+from jdiff.families import stable_diffusion, stable_diffusion_xl  # noqa: E402
 from jdiff.models import layers  # noqa: E402
 from jdiff.models.unet import SDXL_BASE, UNet2DConditionModel, UNetConfig  # noqa: E402
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod  # noqa: E402
@@ -87,9 +88,9 @@ def collectives(hlo: str, devices: int) -> dict:
 # conditioning widths (pooled text, time ids). Per-device batch: SD1.5 at 512 px, SDXL at 1024 px.
 MODELS = {
     "sd15": dict(title="SD1.5 U-Net (859.5M parameters)", unet=dict(sample_size=64, cross_attention_dim=768),
-                 latent=64, context=(77, 768), added=None, per_device_batch=8),
+                 latent=64, context=(77, 768), added=None, per_device_batch=8, family=stable_diffusion.FAMILY),
     "sdxl": dict(title="SDXL-base U-Net (2567.5M parameters)", unet=SDXL_BASE, latent=128, context=(77, 2048),
-                 added=dict(text_embeds=1280, time_ids=6), per_device_batch=2),
+                 added=dict(text_embeds=1280, time_ids=6), per_device_batch=2, family=stable_diffusion_xl.FAMILY),
 }
 
 
@@ -101,10 +102,6 @@ def unet_train_step(spec: dict, mesh, per_device_batch: int):
                                                                       beta_start=0.00085, beta_end=0.012)))
     side, (length, width), added = spec["latent"], spec["context"], spec["added"]
 
-    def added_cond(batch):
-        # jdiff's families (and the train step's batch) carry the added conditioning as a dict.
-        return {k: batch[k] for k in added} if added else None
-
     def init_params(rng):
         example = {k: jnp.zeros((1, w)) for k, w in added.items()} if added else None
         return unet.init(rng, jnp.zeros((1, side, side, 4)), jnp.zeros((1,)), jnp.zeros((1, length, width)),
@@ -115,8 +112,10 @@ def unet_train_step(spec: dict, mesh, per_device_batch: int):
         x0 = batch["latents"]
         t = jax.random.randint(t_rng, (x0.shape[0],), 0, 1000)
         noise = jax.random.normal(n_rng, x0.shape)
-        out = unet.apply({"params": params}, losses.add_noise(x0, noise, t, alphas_cumprod), t, batch["context"],
-                         added_cond=added_cond(batch))
+        # The family's own denoiser call: the conditioning is the batch's context (and SDXL's added inputs).
+        model_fn = spec["family"].denoiser({"unet": unet}, {"unet": params})
+        cond = {k: batch[k] for k in ("context",) + tuple(added or ())}
+        out = model_fn(losses.add_noise(x0, noise, t, alphas_cumprod), t, cond)
         return losses.diffusion_loss(out, x0, noise, t, alphas_cumprod, prediction_type="epsilon")[0], {}
 
     stage = train_lib.Stage("diffusion", init_params, loss_fn, lambda b: b)

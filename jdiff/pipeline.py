@@ -146,14 +146,14 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
 
 def _placed_params(pipe: Pipeline, mesh: Mesh):
     """(weights, LoRA adapters) laid out on `mesh`: the weights replicated, except over a mesh's
-    fsdp/tensor axes; the adapters (small) replicated."""
+    fsdp/tensor axes, and kept (a pipeline with other adapters shares them); the adapters (small)
+    replicated at each call."""
     key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names, mesh.devices.shape)
     if key not in pipe._placed:
         pipe._placed.clear()
-        pipe._placed[key] = (sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh)),
-                             sharding.put(dict(pipe.adapters), jax.tree.map(lambda _: NamedSharding(mesh, P()),
-                                                                            dict(pipe.adapters))))
-    return pipe._placed[key]
+        pipe._placed[key] = sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh))
+    adapters = dict(pipe.adapters)
+    return pipe._placed[key], sharding.put(adapters, jax.tree.map(lambda _: NamedSharding(mesh, P()), adapters))
 
 
 def _to_host(images) -> np.ndarray:

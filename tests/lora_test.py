@@ -19,9 +19,10 @@ from tiny_models import write_random_lora
 
 PROMPTS = ["a red circle", "circle"]
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # as kohya trains a text encoder
-# Attention, transformer projections, feed-forward and LoCon convolutions, with per-layer ranks and
-# a per-layer alpha on the convolutions.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2")
+# Attention, transformer projections, feed-forward and LoCon convolutions (the stride-2 downsampler
+# and the upsampler's too), with per-layer ranks and a per-layer alpha on the convolutions.
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "downsamplers.0.conv",
+                "upsamplers.0.conv")
 PATTERNS = dict(rank_pattern={"to_q": 2, "conv2": 3}, alpha_pattern={"conv1": 3})
 
 
@@ -65,12 +66,18 @@ def test_peft_file_matches_diffusers_and_changes_the_images(sd, one_device):
     np.testing.assert_allclose(off, plain, atol=1e-5)  # every adapter off: the base model
 
 
+def loaded(pipe, *named):
+    """`pipe` with (path, name) adapters loaded in this order."""
+    for path, name in named:
+        pipe = jdiff.load_lora_weights(pipe, path, adapter_name=name)
+    return pipe
+
+
 def test_two_adapters_with_weights_match_diffusers(sd, one_device):
     folder, pipe, style, subject = sd
-    expected = reference_images(diffusers.StableDiffusionPipeline, folder, {"style": style, "subject": subject},
-                                [0.5, 1.2], seed=1)
-    both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style, adapter_name="style"), subject,
-                                   adapter_name="subject")
+    expected = reference_images(diffusers.StableDiffusionPipeline, folder, {"subject": subject, "style": style},
+                                [1.2, 0.5], seed=1)
+    both = loaded(pipe, (subject, "subject"), (style, "style"))  # not in name order: scales follow names
     ours = jdiff.generate(both, PROMPTS, steps=3, latents=nchw_to_nhwc(latents(seed=1)),
                           lora_scales={"style": 0.5, "subject": 1.2}, mesh=one_device)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
@@ -112,8 +119,7 @@ def test_formats_round_trip_with_per_layer_alphas(sd, tmp_path, one_device):
 
 def test_adapters_mixed_per_image_equal_each_image_alone(sd, one_device):
     folder, pipe, style, subject = sd
-    both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style, adapter_name="style"), subject,
-                                   adapter_name="subject")
+    both = loaded(pipe, (subject, "subject"), (style, "style"))
     mixes = [{"style": 1.0}, {"subject": 0.8, "style": 0.3}]
     noise = nchw_to_nhwc(latents())
     batch = jdiff.generate(both, PROMPTS, steps=3, latents=noise, lora_scales=mixes, guidance=7.5, mesh=one_device)
@@ -123,12 +129,14 @@ def test_adapters_mixed_per_image_equal_each_image_alone(sd, one_device):
         np.testing.assert_allclose(batch[i], alone[0], atol=2e-5, err_msg=f"image {i}")
     assert np.abs(batch[0] - jdiff.generate(both, PROMPTS[0], steps=3, latents=noise[:1], lora_scales=mixes[1],
                                             mesh=one_device)[0]).max() > 10 * TOL
+    only_style = jdiff.generate(loaded(pipe, (style, "style")), PROMPTS[0], steps=3, latents=noise[:1],
+                                guidance=7.5, mesh=one_device)
+    np.testing.assert_allclose(batch[0], only_style[0], atol=2e-5)  # each name's scale reaches its own adapter
 
 
 def test_changing_scales_and_mixes_never_recompiles(sd, one_device):
     folder, pipe, style, subject = sd
-    both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style, adapter_name="style"), subject,
-                                   adapter_name="subject")
+    both = loaded(pipe, (style, "style"), (subject, "subject"))
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
@@ -143,16 +151,65 @@ def test_changing_scales_and_mixes_never_recompiles(sd, one_device):
 
 def test_fused_adapters_equal_unmerged_ones(sd, one_device):
     folder, pipe, style, subject = sd
-    both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style, adapter_name="style"), subject,
-                                   adapter_name="subject")
+    base_images = jdiff.generate(pipe, PROMPTS, steps=3, mesh=one_device)
+    checksum = lambda p: [float(np.asarray(a, np.float64).sum()) for a in jax.tree.leaves(p.params)]  # noqa: E731
+    before = checksum(pipe)
+    both = loaded(pipe, (style, "style"), (subject, "subject"))
     scales = {"style": 0.6, "subject": 0.9}
     unmerged = jdiff.generate(both, PROMPTS, steps=3, lora_scales=scales, mesh=one_device)
     fused = jdiff.fuse_lora(both, scales)
     assert not fused.adapters
     np.testing.assert_allclose(jdiff.generate(fused, PROMPTS, steps=3, mesh=one_device), unmerged, atol=1e-4)
-    # The pipeline it came from is unchanged.
-    np.testing.assert_allclose(jdiff.generate(jdiff.unload_lora_weights(both), PROMPTS, steps=3, mesh=one_device),
-                               jdiff.generate(pipe, PROMPTS, steps=3, mesh=one_device), atol=0)
+    half = jdiff.fuse_lora(both, {"style": 0.6})  # the other adapter stays loaded, unmerged
+    assert list(half.adapters) == ["subject"]
+    np.testing.assert_allclose(jdiff.generate(half, PROMPTS, steps=3, lora_scales={"subject": 0.9}, mesh=one_device),
+                               unmerged, atol=1e-4)
+    # Neither loading nor fusing touched the weights of the pipeline they started from.
+    assert checksum(pipe) == before
+    np.testing.assert_array_equal(jdiff.generate(pipe, PROMPTS, steps=3, mesh=one_device), base_images)
+
+
+def test_older_spellings_and_rank_stabilised_scaling(sd, tmp_path):
+    """diffusers' pre-PEFT keys (`.lora.down`, attention processors' `to_q_lora`), a kohya file with
+    alphas on some layers only, and PEFT's use_rslora read as diffusers reads them."""
+    folder, pipe, style, _ = sd
+    tensors, metadata = jdiff.lora.formats.read(style)
+    peft = jdiff.load_lora_weights(pipe, style).adapters["default_0"]
+
+    def renamed(key):
+        key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+        for projection in ("to_q", "to_k", "to_v"):
+            key = key.replace(f".{projection}.lora.", f".processor.{projection}_lora.")
+        return key.replace(".to_out.0.lora.", ".processor.to_out_lora.")
+
+    old = {renamed(k): v for k, v in tensors.items()}
+    assert any("processor.to_q_lora.down.weight" in k for k in old)
+    path = tmp_path / "old.safetensors"
+    safetensors.numpy.save_file(old, str(path), metadata=metadata)
+    again = jdiff.load_lora_weights(pipe, path).adapters["default_0"]
+    assert jax.tree.structure(again) == jax.tree.structure(peft)
+    jax.tree.map(np.testing.assert_array_equal, again, peft)
+
+    rank_stabilised = json.loads(metadata["lora_adapter_metadata"])
+    rank_stabilised["unet.use_rslora"] = True
+    path = tmp_path / "rslora.safetensors"
+    safetensors.numpy.save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(rank_stabilised)})
+    scaled = jdiff.load_lora_weights(pipe, path).adapters["default_0"]["unet"]
+    for layer_path, layer in scaled.items():  # alpha / sqrt(r) = (alpha * sqrt(r)) / r
+        rank = layer["down"].shape[-1]
+        np.testing.assert_allclose(float(layer["alpha"]), float(peft["unet"][layer_path]["alpha"]) * rank ** 0.5,
+                                   rtol=1e-6)
+
+    kohya = safetensors.numpy.load_file(str(jdiff.save_lora_weights(loaded(pipe, (style, "s")),
+                                                                      tmp_path / "k.safetensors", format="kohya")))
+    text_alphas = sorted(k for k in kohya if k.startswith("lora_te_") and k.endswith(".alpha"))
+    partial = {k: v for k, v in kohya.items() if k not in text_alphas[2:]}  # alphas on two layers only
+    partial.update({k: np.array(3.0, np.float32) for k in text_alphas[:2]})
+    path = tmp_path / "partial.safetensors"
+    safetensors.numpy.save_file(partial, str(path))
+    text = jdiff.load_lora_weights(pipe, path).adapters["default_0"]["text_encoder"]
+    assert len(text) == len(text_alphas) > 2
+    assert {float(layer["alpha"]) for layer in text.values()} == {3.0}  # the others: the file's most common
 
 
 def test_sdxl_kohya_file_with_original_unet_names_matches_diffusers(tiny_sdxl_folder, tmp_path, one_device):

@@ -12,6 +12,7 @@ Loading never copies or changes the base parameters: a pipeline with adapters sh
 pipeline it came from.
 """
 
+import dataclasses
 from typing import Mapping, Optional
 
 import numpy as np
@@ -20,8 +21,9 @@ from flax import traverse_util
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families.base import Pipeline
 from jdiff.lora import formats
-from jdiff.lora.apply import merged_kernel, scale_matrix, with_adapters  # noqa: F401 (used by generate)
+from jdiff.lora.apply import merged_kernel, scale_matrix, with_adapters
 
+__all__ = ["fuse_lora", "load_lora_weights", "save_lora_weights", "scales_for", "unload_lora_weights", "with_adapters"]
 FORMATS = ("peft", "kohya")
 
 
@@ -37,20 +39,21 @@ def load_lora_weights(pipe: Pipeline, path, adapter_name: Optional[str] = None) 
         raise CheckpointError(f"LoRA file {str(path)!r} holds no tensors.")
     trainable = {c: pipe.params[c] for c in pipe.params if c != "vae"}
     adapter = formats.to_adapter(formats.parse(tensors, metadata), trainable, str(path))
-    return pipe.replace(adapters={**pipe.adapters, name: adapter})
+    return _with_adapters(pipe, {**pipe.adapters, name: adapter})
 
 
 def unload_lora_weights(pipe: Pipeline, adapter_name: Optional[str] = None) -> Pipeline:
     """`pipe` without the named adapter (or without any)."""
     if adapter_name is None:
-        return pipe.replace(adapters={})
+        return _with_adapters(pipe, {})
     _require(pipe, [adapter_name])
-    return pipe.replace(adapters={k: v for k, v in pipe.adapters.items() if k != adapter_name})
+    return _with_adapters(pipe, {k: v for k, v in pipe.adapters.items() if k != adapter_name})
 
 
 def fuse_lora(pipe: Pipeline, lora_scales: Optional[Mapping[str, float]] = None) -> Pipeline:
-    """`pipe` with the adapters merged into its weights at `lora_scales` (default: each at 1.0),
-    and no adapters left: generation runs at the base model's speed."""
+    """`pipe` with the adapters named in `lora_scales` (default: every one, at 1.0) merged into
+    its weights and removed; adapters not named stay loaded, unmerged. Generation with only merged
+    adapters runs at the base model's speed."""
     scales = dict.fromkeys(pipe.adapters, 1.0) if lora_scales is None else dict(lora_scales)
     _require(pipe, list(scales))
     params = dict(pipe.params)
@@ -61,7 +64,7 @@ def fuse_lora(pipe: Pipeline, lora_scales: Optional[Mapping[str, float]] = None)
                 key = tuple(path.split("/")) + ("kernel",)
                 flat[key] = merged_kernel(flat[key], layer, float(scale))
             params[component] = traverse_util.unflatten_dict(flat)
-    return pipe.replace(params=params, adapters={})
+    return pipe.replace(params=params, adapters={k: v for k, v in pipe.adapters.items() if k not in scales})
 
 
 def save_lora_weights(pipe: Pipeline, path, adapter_name: Optional[str] = None, format: str = "peft"):
@@ -91,6 +94,11 @@ def scales_for(pipe: Pipeline, lora_scales, batch: int) -> Optional[np.ndarray]:
             raise ConfigError("lora_scales given but no LoRA is loaded (jdiff.load_lora_weights).")
         return None
     return scale_matrix(pipe.adapters, lora_scales, batch)
+
+
+def _with_adapters(pipe: Pipeline, adapters: dict) -> Pipeline:
+    """`pipe` with other adapters; the same weights, so the same weights already placed on devices."""
+    return dataclasses.replace(pipe, adapters=adapters)
 
 
 def _require(pipe: Pipeline, names) -> None:

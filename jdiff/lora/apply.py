@@ -12,9 +12,11 @@ batch, reuses one compiled program.
 
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+from flax.linen.linear import canonicalize_padding
+from jax import lax
 
 from jdiff.errors import ConfigError
 
@@ -29,9 +31,14 @@ def _update(module, x, layer, scale):
     down, up = jnp.asarray(layer["down"], dtype), jnp.asarray(layer["up"], dtype)
     x = x.astype(dtype)
     if down.ndim == 4 and down.shape[:2] != (1, 1):  # a convolution's LoRA (LoCon): same window, r outputs
-        hidden = nn.Conv(down.shape[-1], module.kernel_size, strides=module.strides, padding=module.padding,
-                         kernel_dilation=module.kernel_dilation, use_bias=False, dtype=dtype,
-                         ).apply({"params": {"kernel": down}}, x)
+        rank = len(module.kernel_size)
+        strides = module.strides or 1
+        dilation = module.kernel_dilation or 1
+        hidden = lax.conv_general_dilated(
+            x, down, (strides,) * rank if isinstance(strides, int) else tuple(strides),
+            canonicalize_padding(module.padding, rank),
+            rhs_dilation=(dilation,) * rank if isinstance(dilation, int) else tuple(dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
     else:
         hidden = x @ down.reshape(down.shape[-2:])
     scale = (scale * layer_scale(layer)).astype(dtype)
@@ -46,8 +53,6 @@ def _rows(scales: jax.Array, batch: int) -> jax.Array:
         return scales
     if batch % scales.shape[0] == 0:
         return jnp.tile(scales, (batch // scales.shape[0], 1))
-    if batch == 1:  # a layer that runs once for the batch (broadcast later): its output takes the batch
-        return scales
     raise ConfigError(f"LoRA scales are given for {scales.shape[0]} images but a layer runs on {batch} rows.")
 
 
@@ -85,15 +90,16 @@ class WithAdapters:
 
 
 def with_adapters(modules: Mapping, adapters: Mapping[str, Mapping], scales) -> dict:
-    """`modules` with each adapted component wrapped. adapters: {adapter name: adapter tree} in the
-    order of scales' columns; scales: [B or 1, n_adapters]."""
+    """`modules` with each adapted component wrapped. adapters: {adapter name: adapter tree};
+    scales: [B or 1, n_adapters], a column per adapter in sorted name order (the order a dict has
+    after passing through jit, whatever order the adapters were loaded in)."""
     if not adapters:
         return dict(modules)
     wrapped = dict(modules)
     for component in {c for adapter in adapters.values() for c in adapter}:
         layers = {}
-        for index, adapter in enumerate(adapters.values()):
-            for path, layer in adapter.get(component, {}).items():
+        for index, name in enumerate(sorted(adapters)):
+            for path, layer in adapters[name].get(component, {}).items():
                 layers.setdefault(path, []).append((index, layer))
         wrapped[component] = WithAdapters(modules[component], layers, scales)
     return wrapped
@@ -108,10 +114,11 @@ def merged_kernel(kernel: jax.Array, layer, scale: float) -> jax.Array:
 
 def scale_matrix(names, lora_scales, batch: int):
     """[batch, n_adapters] float32 from generate()'s lora_scales: None (every adapter at 1), one
-    {name: scale} dict for the batch, or a list of one dict per image (absent names: 0)."""
+    {name: scale} dict for the batch, or a list of one dict per image (absent names: 0). Columns in
+    sorted name order, as `with_adapters` reads them."""
     import numpy as np
 
-    names = list(names)
+    names = sorted(names)
     if lora_scales is None:
         return np.ones((batch, len(names)), np.float32)
     rows = [lora_scales] * batch if isinstance(lora_scales, Mapping) else list(lora_scales)

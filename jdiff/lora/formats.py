@@ -121,6 +121,10 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict) -> dict[str, dict[str,
     settings = _peft_settings(metadata)
     for component, by_name in layers.items():
         peft = settings.get(component, {})
+        # A file whose layers carry alphas for some layers only: the others take the most common
+        # one, as diffusers does (with none at all, alpha = rank).
+        given = [float(np.asarray(layer["alpha"]).reshape(())) for layer in by_name.values() if "alpha" in layer]
+        common = max(set(given), key=given.count) if given else None
         for name, layer in by_name.items():
             if "down" not in layer or "up" not in layer:
                 raise CheckpointError(f"LoRA layer {component}.{name} has no {'up' if 'down' in layer else 'down'} "
@@ -128,7 +132,7 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict) -> dict[str, dict[str,
             rank = layer["down"].shape[0]
             alpha = layer.get("alpha")
             if alpha is None:
-                alpha = _pattern_value(peft.get("alpha_pattern"), name) or peft.get("lora_alpha") or rank
+                alpha = _pattern_value(peft.get("alpha_pattern"), name) or peft.get("lora_alpha") or common or rank
             alpha = float(np.asarray(alpha).reshape(()))
             if peft.get("use_rslora"):  # PEFT's rank-stabilised scaling alpha/sqrt(r), as alpha'/r
                 alpha *= rank ** 0.5
@@ -184,6 +188,9 @@ def to_adapter(parsed: dict[str, dict[str, dict]], params: dict, source: str) ->
             if path is None:
                 unmatched.append(f"{component}.{name}")
                 continue
+            if path in adapter.get(component, {}):
+                raise CheckpointError(f"{source}: the {component} layer {lora_names.dotted_name(path)} appears twice "
+                                      f"in the file, under two spellings of its name (e.g. {name!r}).")
             adapter.setdefault(component, {})[path] = _flax_layer(layer, kernels[path], f"{source}: {component}.{name}")
     if unmatched:
         raise CheckpointError(f"{source}: {len(unmatched)} LoRA layers match no layer of this pipeline, e.g. "
