@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
