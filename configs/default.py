@@ -141,6 +141,12 @@ def get_config() -> ml_collections.ConfigDict:
         unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
         text_encoder_targets=(),  # e.g. ("q_proj", "k_proj", "v_proj", "out_proj"): every text encoder
     ))
+    # DreamBooth (with config.pretrained and data.dataset="folder"): every picture of data.folder
+    # under instance_prompt; with class_prompt, prior preservation on num_class_images pictures the
+    # base model draws first into class_folder (default <workdir>/class_images), their loss
+    # weighted by prior_loss_weight. Works with full fine-tuning and with config.lora.
+    config.dreambooth = ml_collections.ConfigDict(dict(
+        instance_prompt="", class_prompt="", class_folder="", num_class_images=100, prior_loss_weight=1.0))
 
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jdiff import convert, distributed, families, schedules, sharding, train_lib
-from jdiff.app import shapes, stages
+from jdiff.app import dreambooth, shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app.shapes_tfds import load_shapes
 from jdiff.data import decode_example, encode_conditioning, encode_source, make_loader, to_model_range
@@ -42,7 +42,8 @@ def data_sources(config, workdir: Path):
     if data.dataset == "folder":
         if not data.folder:
             raise ConfigError("data.dataset is 'folder' but data.folder is empty: set --config.data.folder=DIR.")
-        return ImageFolder(data.folder, data.resolution), None
+        # DreamBooth's pictures need no captions: they all get the instance prompt
+        return ImageFolder(data.folder, data.resolution, allow_missing_captions=dreambooth.enabled(config)), None
     raise ConfigError(f"unknown data.dataset {data.dataset!r}; use 'shapes' or 'folder'.")
 
 
@@ -114,6 +115,8 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                                              config.diffusion.change_prediction_type)
     base = base.replace(scheduler=scheduler)
     lora = lora_spec(config, base)
+    if dreambooth.enabled(config):  # the instance prompt, and the class pictures the base model draws first
+        train_source = dreambooth.training_source(config, workdir, base, train_source)
 
     def pipeline_from(params) -> Pipeline:
         if lora is not None:  # the base model with the trained adapter
@@ -130,6 +133,7 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
         return {"samples": image_io.image_grid(images, columns=4)}
 
     cache, cache_text = config.data.cache_latents, config.data.get("cache_text_embeddings", False)
+    cache = cache and not dreambooth.enabled(config)  # pairs of pictures: encoded at every step (a few pictures)
     vae, vae_params = base.vae, base.params["vae"]
     stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler.config),
                                    latent_size=config.data.resolution // vae.config.downscale,
@@ -137,7 +141,8 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                                    # LoRA freezes every pretrained weight; text encoders get adapters instead
                                    train_text_encoder=config.diffusion.train_text_encoder and lora is None,
                                    evaluate=evaluate,
-                                   cached_latents=cache, cached_conditioning=cache_text, lora=lora)
+                                   cached_latents=cache, cached_conditioning=cache_text, lora=lora,
+                                   prior_loss_weight=dreambooth.prior_loss_weight(config))
     if cache:  # the VAE is frozen: encode once rather than at every step
         train_source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
                                      show_progress=distributed.is_main())
@@ -181,6 +186,7 @@ def run(config, workdir) -> dict:
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in config.stages; use a comma-separated subset of {STAGES}.")
+    dreambooth.check(config)
     if distributed.is_main():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     train_source, test_source = data_sources(config, workdir)

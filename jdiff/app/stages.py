@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jdiff import families, losses
 from jdiff.batching import map_batches
 from jdiff.errors import ConfigError
+from jdiff.data.prior_preservation import merge_pairs
 from jdiff.families import Pipeline
 from jdiff.lora import training as lora_training
 from jdiff.lora.apply import with_adapters
@@ -162,7 +163,7 @@ def conditioning_encoder(pipe: Pipeline, size: int, with_dropped: bool = True):
 def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
                     train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
                     cached_conditioning: bool = False, model_meta: dict | None = None,
-                    lora: LoraSpec | None = None) -> Stage:
+                    lora: LoraSpec | None = None, prior_loss_weight: float | None = None) -> Stage:
     """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
     noised VAE latents of captioned images.
 
@@ -177,6 +178,10 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
 
     lora: train LoRA adapters (trainable params {"lora": {component: {path: {"down", "up"}}}}) on
     the targeted layers, every pretrained weight frozen (and sharded like any frozen parameter).
+
+    prior_loss_weight: DreamBooth's prior preservation. Batches hold (instance, class) pairs (a
+    `PriorPreservationSource`); the loss is the instance half's mean plus prior_loss_weight times
+    the class half's mean, as diffusers' DreamBooth scripts compute it.
     """
     family, modules, vae = pipe.family, pipe.modules, pipe.vae
     if train_text_encoder and not family.trains_text_encoders:
@@ -185,6 +190,9 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     if train_text_encoder and cached_conditioning:
         raise ConfigError("data.cache_text_embeddings needs frozen text encoders: set "
                           "--config.diffusion.train_text_encoder=False or --config.data.cache_text_embeddings=False.")
+    if prior_loss_weight is not None and (cached_latents or cached_conditioning):
+        raise ConfigError("prior preservation (DreamBooth class images) does not work with data.cache_latents or "
+                          "data.cache_text_embeddings yet: set both to False.")
     if lora is not None:
         if train_text_encoder:
             raise ConfigError("LoRA training keeps every pretrained weight frozen: set "
@@ -235,10 +243,19 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
             tokens = drop_captions(dropped, batch["dropped_tokens"], batch["tokens"])
             cond = family.encode_prompts(models, all_params, tokens)
         model_fn = family.denoiser(models, all_params)
-        loss, _ = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
-        return loss, {}
+        loss, per_example = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
+        if prior_loss_weight is None:
+            return loss, {}
+        prior = batch["prior"]  # 1 for class pictures: tells the halves apart on any number of hosts
+        instance_loss = jnp.sum(per_example * (1 - prior)) / jnp.sum(1 - prior)
+        prior_loss = jnp.sum(per_example * prior) / jnp.sum(prior)
+        return instance_loss + prior_loss_weight * prior_loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
 
     def prepare_batch(batch):
+        if prior_loss_weight is not None:
+            batch = merge_pairs(batch)
+            return {"image": batch["image"], "prior": batch["prior"],
+                    **conditioning_inputs(pipe, batch, size, empty_tokens)}
         inputs = ("latent_mean", "latent_logvar") if cached_latents else ("image",)
         if cached_conditioning:
             missing = [k for k in ("conditioning",) + (("dropped_conditioning",) if caption_dropout > 0 else ())
@@ -258,6 +275,8 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         frozen["vae"] = pipe.params["vae"]
     meta = {n: m.config.to_dict() for n, m in modules.items()}
     meta.update(objective=dataclasses.asdict(objective), trained=list(trained), **(model_meta or {}))
+    if prior_loss_weight is not None:
+        meta["prior_loss_weight"] = prior_loss_weight
     if lora is not None:
         meta["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": {k: list(v) for k, v in lora.targets.items()}}
     return Stage("diffusion", init_params, loss_fn, prepare_batch, frozen=frozen, evaluate=evaluate,

@@ -101,8 +101,9 @@ class _BatchFinisher:
 
     def __call__(self, batch: dict) -> dict:
         batch = dict(batch)
-        if "image" in batch and batch["image"].dtype == np.uint8:
-            batch["image"] = to_model_range(batch["image"])
+        for key in batch:  # "image", and paired pictures such as DreamBooth's "class_image"
+            if (key == "image" or key.endswith("_image")) and batch[key].dtype == np.uint8:
+                batch[key] = to_model_range(batch[key])
         if self.tokenize is not None:
             batch["ids"] = self.tokenize([str(c) for c in batch["caption"]])
         return batch
