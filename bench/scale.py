@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import losses, sharding, train_lib  # noqa: E402
 from jdiff.families import stable_diffusion, stable_diffusion_xl  # noqa: E402
-from jdiff.models import layers  # noqa: E402
+from jdiff.models import attention  # noqa: E402
 from jdiff.models.unet import SDXL_BASE, UNet2DConditionModel, UNetConfig  # noqa: E402
 from jdiff.schedules import SchedulerConfig, train_alphas_cumprod  # noqa: E402
 from report import command_line, write_report  # noqa: E402
@@ -193,7 +193,7 @@ def kept_rows(out: str, models: list) -> list:
 
 
 def main():
-    layers.CPU_BLOCKED_ATTENTION = False  # compile the attention GPUs and TPUs run (batch-shardable)
+    attention.FORCE = "xla"  # compile plain XLA attention, batch-shardable (a TPU/GPU kernel cannot compile here)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS, reverse=True))
     parser.add_argument("--meshes", nargs="+", default=["data=8", "fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff.errors import ConfigError
+from jdiff.models.attention import dot_product_attention
 
 Dtype = Any
 
@@ -139,104 +140,11 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
-# Query rows per block of the CPU attention: keeps one block of scores (rows x keys) near 16 MB.
-_CPU_SCORE_ELEMENTS = 1 << 22
-
-
-def _query_blocks(x: jax.Array, rows: int) -> jax.Array:
-    """[T, ...] -> [blocks, rows, ...], the last block padded with zeros."""
-    blocks = -(-x.shape[0] // rows)
-    padding = [(0, blocks * rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, padding).reshape(blocks, rows, *x.shape[1:])
-
-
-def _rows_per_block(q: jax.Array, k: jax.Array) -> int:
-    return max(1, min(q.shape[0], _CPU_SCORE_ELEMENTS // k.shape[0]))
-
-
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention for one head, [T,H] x [S,H] -> [T,H], one block of queries at a time so its
-    scores stay in cache; also returns each query's log-sum-exp of scores, for the backward pass."""
-    t = q.shape[0]
-
-    def block(qb):
-        scores = qb @ k.T
-        peak = jnp.max(scores, axis=-1, keepdims=True)
-        p = jnp.exp(scores - peak)
-        total = jnp.sum(p, axis=-1, keepdims=True)
-        return (p @ v) / total.astype(v.dtype), (peak + jnp.log(total))[:, 0].astype(jnp.float32)
-
-    out, lse = jax.lax.map(block, _query_blocks(q * (q.shape[-1] ** -0.5), _rows_per_block(q, k)))
-    return out.reshape(-1, v.shape[-1])[:t], lse.reshape(-1)[:t]
-
-
-@jax.custom_vjp
-def _attention_one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return _attention_forward(q, k, v)[0]
-
-
-def _attention_one_head_fwd(q, k, v):
-    out, lse = _attention_forward(q, k, v)
-    return out, (q, k, v, out, lse)
-
-
-def _attention_one_head_bwd(residuals, d_out):
-    """Flash attention's backward pass: each block's probabilities are recomputed from the saved
-    log-sum-exp, so no T x S array is kept between the passes and no max or sum is differentiated."""
-    q, k, v, out, lse = residuals
-    t, scale = q.shape[0], q.shape[-1] ** -0.5
-    rows = _rows_per_block(q, k)
-    # rowsum(dO * O): the softmax Jacobian's correction term, per query.
-    correction = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    blocks = tuple(_query_blocks(x, rows) for x in (q * scale, d_out, lse, correction))
-
-    def block(carry, xs):
-        dk, dv = carry
-        qb, d_ob, lse_b, correction_b = xs
-        p = jnp.exp(qb @ k.T - lse_b[:, None].astype(qb.dtype))
-        dv = dv + (p.T @ d_ob).astype(jnp.float32)
-        d_scores = p * (d_ob @ v.T - correction_b[:, None].astype(p.dtype))
-        dk = dk + (d_scores.T @ qb).astype(jnp.float32)
-        return (dk, dv), d_scores @ k
-
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    (dk, dv), dq = jax.lax.scan(block, zeros, blocks)
-    dq = dq.reshape(-1, q.shape[-1])[:t] * scale
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_attention_one_head.defvjp(_attention_one_head_fwd, _attention_one_head_bwd)
-
-
-_SMALL_SCORES = 1 << 16  # query x key positions per head below which all heads run at once
-# The blocked CPU path loops over batch x heads, which an SPMD partitioner cannot split over devices
-# (it gathers the batch instead). False: jax.nn.dot_product_attention on CPU too, as on GPU and TPU
-# (bench/scale.py compiles the program an accelerator would run).
-CPU_BLOCKED_ATTENTION = True
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention on [B,T,N,H] tensors.
-
-    On GPU and TPU this is `jax.nn.dot_product_attention` (cuDNN flash attention, fused TPU kernels).
-    On CPU, XLA materialises all heads' scores at once (8 x 4096 x 4096 floats per image for SD1.5's
-    first level) and runs 5x slower than PyTorch; one head and one block of queries at a time keeps
-    the scores in cache and beats PyTorch's flash kernel (measured in bench/models.py).
-    """
-    b, t, n, h = q.shape
-    # Short sequences (small latents, text): every head's scores fit in cache together, and a
-    # sequential loop over batch x heads would cost far more than it saves.
-    if jax.default_backend() != "cpu" or not CPU_BLOCKED_ATTENTION or t * k.shape[1] <= _SMALL_SCORES:
-        return jax.nn.dot_product_attention(q, k, v)
-    heads = lambda x: x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h)
-    out = jax.lax.map(lambda qkv: _attention_one_head(*qkv), (heads(q), heads(k), heads(v)))
-    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
-
-
 class Attention(nn.Module):
     """Multi-head attention with diffusers' projection names (to_q, to_k, to_v, to_out.0).
 
-    Runs through `dot_product_attention` below. `upcast` computes the attention in float32 (SD2's `upcast_attention`).
+    Runs through `jdiff.models.attention.dot_product_attention` (the fused kernel each backend
+    has). `upcast` computes the attention in float32 (SD2's `upcast_attention`).
     """
 
     heads: int
