@@ -74,3 +74,11 @@ def test_each_backend_runs_its_fused_kernel_where_it_applies(monkeypatch):
     assert choose("tpu", jnp.bfloat16, 4096, 4096, 64) == "xla"
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention.dot_product_attention(*_inputs()[:3], implementation="flash")
+
+
+def test_cudnn_refusal_falls_back_to_xla(monkeypatch):
+    """On CPU, jax refuses implementation="cudnn" while tracing: the call still answers, via XLA."""
+    q, k, v, _ = _inputs()
+    with pytest.warns(UserWarning, match="cuDNN attention is not available"):
+        out = attention.dot_product_attention(q, k, v, implementation="cudnn")
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v), rtol=1e-6)

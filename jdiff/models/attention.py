@@ -13,9 +13,12 @@ place (`implementation_for`):
                          TPU, head size 160 on GPU, short sequences)
 
 `FORCE` overrides the choice (tests run the TPU kernel on CPU in Pallas interpret mode; bench/scale.py
-compiles the "xla" path, the batch-shardable one an accelerator's compiler can partition).
+compiles the "xla" path, the batch-shardable one an accelerator's compiler can partition; set
+`jdiff.models.attention.FORCE = "xla"` to rule the fused kernels out). Where cuDNN refuses a shape
+or dtype while tracing, XLA's attention runs instead, with a warning.
 """
 
+import warnings
 from typing import Optional
 
 import jax
@@ -51,7 +54,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
     b, t, n, h = q.shape
     implementation = implementation or implementation_for(jax.default_backend(), q.dtype, t, k.shape[1], h)
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as error:  # raised while tracing, never mid-run
+            _warn_once(f"cuDNN attention is not available for {q.dtype} {q.shape} x {k.shape} ({error}); "
+                       f"using XLA's attention")
+            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if implementation == "pallas_flash":
@@ -61,6 +69,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
         out = jax.lax.map(lambda qkv: _attention_one_head(*qkv), (heads(q), heads(k), heads(v)))
         return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
     raise ValueError(f"unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}.")
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 # --- TPU: Pallas flash attention ------------------------------------------------------------------
