@@ -270,6 +270,9 @@ def test_files_that_do_not_fit_get_clear_errors(sd, tmp_path):
         jdiff.generate(with_lora, PROMPTS + ["x"], steps=1, lora_scales=[{}, {}])
     with pytest.raises(ConfigError, match="no LoRA is loaded"):
         jdiff.generate(pipe, PROMPTS, steps=1, lora_scales={"style": 1.0})
+    with pytest.raises(ConfigError, match="unmerged LoRA adapters \\(style\\)"):
+        jdiff.save_pipeline(with_lora, tmp_path / "with_lora")
+    assert not (tmp_path / "with_lora").exists()
     assert json.loads(safetensors.safe_open(str(jdiff.save_lora_weights(with_lora, tmp_path / "out")), "np")
                       .metadata()["lora_adapter_metadata"])["unet.r"] == 4
 

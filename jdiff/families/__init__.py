@@ -61,6 +61,9 @@ def save_pipeline(pipe: Pipeline, folder) -> None:
     """Writes `pipe` as a diffusers pipeline folder (which `load_pipeline`, sample.py and diffusers'
     `from_pretrained` read). Written beside the target and swapped in when complete, so an
     interruption never leaves a half-written model under the final name."""
+    if pipe.adapters:  # a diffusers pipeline folder has no place for them: never drop them silently
+        raise ConfigError(f"this pipeline has unmerged LoRA adapters ({', '.join(pipe.adapters)}): merge them "
+                          f"first (jdiff.fuse_lora) or save them on their own (jdiff.save_lora_weights).")
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
