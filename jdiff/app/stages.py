@@ -17,7 +17,6 @@ from jdiff.data.prior_preservation import merge_pairs
 from jdiff.families import Pipeline
 from jdiff.lora import training as lora_training
 from jdiff.lora.apply import with_adapters
-from jdiff.lora.training import LoraSpec
 from jdiff.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents, standardize_latents
 from jdiff.train_lib import Stage
 
@@ -163,7 +162,7 @@ def conditioning_encoder(pipe: Pipeline, size: int, with_dropped: bool = True):
 def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
                     train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
                     cached_conditioning: bool = False, model_meta: dict | None = None,
-                    lora: LoraSpec | None = None, prior_loss_weight: float | None = None) -> Stage:
+                    lora: lora_training.LoraSpec | None = None, prior_loss_weight: float | None = None) -> Stage:
     """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
     noised VAE latents of captioned images.
 

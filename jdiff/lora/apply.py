@@ -15,6 +15,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
@@ -116,8 +117,6 @@ def scale_matrix(names, lora_scales, batch: int):
     """[batch, n_adapters] float32 from generate()'s lora_scales: None (every adapter at 1), one
     {name: scale} dict for the batch, or a list of one dict per image (absent names: 0). Columns in
     sorted name order, as `with_adapters` reads them."""
-    import numpy as np
-
     names = sorted(names)
     if lora_scales is None:
         return np.ones((batch, len(names)), np.float32)
