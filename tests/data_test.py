@@ -102,6 +102,31 @@ def test_held_out_combinations_are_never_trained_on():
         assert clause not in train_clauses
 
 
+def test_extra_colour_scenes_keep_the_set_and_its_held_out_rule():
+    """The seventh colour (for teaching a trained model a new word) changes nothing in the set
+    itself; its scenes put it on the first object, under the same held-out rule."""
+    palette = shapes.WITH_EXTRA_COLOUR
+    extra = palette.names.index(shapes.EXTRA_COLOUR)
+    assert extra == len(shapes.COLOURS) and shapes.EXTRA_COLOUR not in shapes.COLOURS
+    assert palette.rgb[:extra] == shapes.PALETTE.rgb
+    for index in range(20):  # the palette arguments' defaults are the set as it was
+        default, explicit = shapes.example(index, "train"), shapes.example(index, "train", palette=shapes.PALETTE)
+        assert default["caption"] == explicit["caption"] and (default["image"] == explicit["image"]).all()
+    for split in ("train", "test"):
+        for index in range(150):
+            ex = shapes.example(index, split, 64, seed=1, palette=palette, first_colour=extra)
+            first, *rest = ex["caption"].split(" and ")
+            assert f" {shapes.EXTRA_COLOUR} " in first and all(shapes.EXTRA_COLOUR not in c for c in rest)
+            assert ex["colour"] == extra and ex["objects"][1:ex["num_objects"], 1].max(initial=0) < extra
+            assert shapes.is_held_out(extra, ex["shape"], ex["position"]) == (split == "test")
+            centre = shapes.scene(index, split, 1, palette=palette, first_colour=extra)[0]
+            pixel = ex["image"][int(centre.y * 64), int(centre.x * 64)].astype(int)
+            assert np.abs(pixel - np.array(shapes.EXTRA_RGB)).max() < 40
+    # Every shape and position of the new colour is still trained on.
+    train_pool = shapes.first_object_pool("train", extra)
+    assert {s for _, s, _ in train_pool} == set(range(3)) and {p for *_, p in train_pool} == set(range(9))
+
+
 def test_shapes_errors_name_the_problem():
     with pytest.raises(ConfigError, match="unknown shapes split 'validation'"):
         shapes.example(0, "validation")

@@ -280,6 +280,12 @@ def test_detector_reads_real_images():
     assert shapes_eval.score([e["image"] for e in big], labels[:100])["shape_accuracy"] >= 0.97
     blurred = [np.asarray(Image.fromarray(e["image"]).filter(ImageFilter.GaussianBlur(0.7))) for e in source_images]
     assert shapes_eval.score(blurred, labels)["shape_accuracy"] >= 0.9
+    # Told of a seventh colour, it reads that colour on its own pictures and still reads the six.
+    palette = shapes_eval.shapes.WITH_EXTRA_COLOUR
+    extra = [shapes_eval.shapes.example(i, "test", 32, 1, palette=palette, first_colour=6) for i in range(300)]
+    extra_labels = [(e["shape"], e["colour"], e["size"], e["position"]) for e in extra]
+    assert shapes_eval.score([e["image"] for e in extra], extra_labels, palette)["colour_accuracy"] >= 0.99
+    assert shapes_eval.score([e["image"] for e in source_images], labels, palette)["colour_accuracy"] >= 0.99
 
 
 def test_vae_trains_on_random_windows(tmp_path, tiny_shapes_dir):

@@ -30,12 +30,11 @@ def prior_loss_weight(config) -> float | None:
 
 
 def write_class_images(config, workdir: Path, pipe: Pipeline) -> Path:
-    """Draws the class pictures that `class_folder` still lacks; returns the folder."""
+    """Draws the class pictures that `class_folder` still lacks; returns the folder (settings
+    already passed `check`)."""
     section = config.dreambooth
     folder = Path(section.class_folder or workdir / "class_images")
     count = int(section.num_class_images)
-    if count < 1:
-        raise ConfigError(f"dreambooth.num_class_images must be at least 1, got {count}.")
     have = len([p for p in folder.glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]) if folder.is_dir() else 0
     missing = list(range(have, count))
     if not missing:

@@ -37,6 +37,24 @@ COLOUR_RGB = {
     "orange": (245, 135, 20),
 }
 
+# A seventh colour the embedded set never shows (COLOURS stays six, so the set is unchanged): the
+# LoRA demonstration (bench/lora_new_colour.py) teaches a trained model this colour under a word its
+# tokenizer never saw. Teal is 83 RGB units from the nearest colour (green) and, among eleven
+# candidates, what the default run's VAE (trained on the six) reconstructs best: the detector reads
+# 97% of its reconstructions of teal objects as teal, against 77% for cyan and 16% for sky blue.
+EXTRA_COLOUR = "teal"
+EXTRA_RGB = (0, 128, 128)
+
+
+class Palette(NamedTuple):
+    """Colour names (index = colour id) and their RGB, for drawing, captions and detection."""
+    names: tuple[str, ...]
+    rgb: tuple[tuple[int, int, int], ...]
+
+
+PALETTE = Palette(COLOURS, tuple(COLOUR_RGB[c] for c in COLOURS))
+WITH_EXTRA_COLOUR = Palette(COLOURS + (EXTRA_COLOUR,), PALETTE.rgb + (EXTRA_RGB,))
+
 TWO_OBJECT_PROBABILITY = 0.5
 # Object diameter as a fraction of the image side. A grid cell is 1/3 wide, so even a large object
 # with its jitter stays inside its own cell and two objects in different cells never touch. Small
@@ -82,15 +100,25 @@ TRAIN_COMBINATIONS = tuple((c, s, p) for c in range(len(COLOURS)) for s in range
                            for p in range(len(POSITIONS)) if not is_held_out(c, s, p))
 
 
-def describe(obj: Object) -> str:
-    return f"a {SIZES[obj.size]} {COLOURS[obj.colour]} {SHAPES[obj.shape]} at the {POSITIONS[obj.position]}"
+def describe(obj: Object, palette: Palette = PALETTE) -> str:
+    colour = palette.names[obj.colour]
+    return f"a {SIZES[obj.size]} {colour} {SHAPES[obj.shape]} at the {POSITIONS[obj.position]}"
 
 
-def caption(objects: Sequence[Object]) -> str:
+def caption(objects: Sequence[Object], palette: Palette = PALETTE) -> str:
     """"a small red circle at the top left", objects joined by "and" in drawing order."""
     if not objects:
         raise ConfigError("a caption needs at least one object.")
-    return " and ".join(describe(Object(*obj)) for obj in objects)
+    return " and ".join(describe(Object(*obj), palette) for obj in objects)
+
+
+def first_object_pool(split: str, colour: int | None = None) -> tuple:
+    """The (colour, shape, position) combinations a first object is drawn from: the training or the
+    held-out ones, of every colour or of `colour` alone (held out by the same rule)."""
+    if colour is None:
+        return HELD_OUT if split == "test" else TRAIN_COMBINATIONS
+    return tuple((colour, s, p) for s in range(len(SHAPES)) for p in range(len(POSITIONS))
+                 if is_held_out(colour, s, p) == (split == "test"))
 
 
 def _split_id(split: str) -> int:
@@ -99,7 +127,7 @@ def _split_id(split: str) -> int:
     return SPLITS.index(split)
 
 
-def _place(rng: np.random.Generator, combination, used_positions) -> Placed:
+def _place(rng: np.random.Generator, combination, used_positions, palette: Palette) -> Placed:
     colour, shape, position = combination
     size = int(rng.integers(len(SIZES)))
     diameter = float(rng.uniform(*DIAMETER_RANGE[SIZES[size]]))
@@ -108,7 +136,7 @@ def _place(rng: np.random.Generator, combination, used_positions) -> Placed:
     x = (column + 0.5) / 3 + float(rng.uniform(-slack, slack))
     y = (row + 0.5) / 3 + float(rng.uniform(-slack, slack))
     # A slightly varied shade keeps the model from matching one exact RGB value per colour name.
-    rgb = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in COLOUR_RGB[COLOURS[colour]])
+    rgb = tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in palette.rgb[colour])
     used_positions.add(position)
     return Placed(Object(shape, colour, size, position), x, y, diameter, rgb)
 
@@ -121,21 +149,23 @@ def _pick(rng: np.random.Generator, pool, used_positions):
             return combination
 
 
-def scene(index: int, split: str = "train", seed: int = 0) -> tuple[Placed, ...]:
+def scene(index: int, split: str = "train", seed: int = 0, *, palette: Palette = PALETTE,
+          first_colour: int | None = None) -> tuple[Placed, ...]:
     """The objects of example `index`: one or two, in different grid cells.
 
     train: every object's combination is a training one. test: the first object's combination is
     held out, the second (if any) is a training one, so each test caption has exactly one novel part.
+    first_colour: the first object has this colour (an id into `palette`, which may be longer than
+    COLOURS); the second keeps the six of the set.
     """
     split_id = _split_id(split)
     if index < 0 or seed < 0:
         raise ConfigError(f"shapes index and seed must be non-negative (got index={index}, seed={seed}).")
     rng = np.random.default_rng([seed, split_id, index])
     used: set[int] = set()
-    first_pool = HELD_OUT if split == "test" else TRAIN_COMBINATIONS
-    placed = [_place(rng, _pick(rng, first_pool, used), used)]
+    placed = [_place(rng, _pick(rng, first_object_pool(split, first_colour), used), used, palette)]
     if rng.random() < TWO_OBJECT_PROBABILITY:
-        placed.append(_place(rng, _pick(rng, TRAIN_COMBINATIONS, used), used))
+        placed.append(_place(rng, _pick(rng, TRAIN_COMBINATIONS, used), used, palette))
     return tuple(placed)
 
 
@@ -183,12 +213,13 @@ def check_resolution(resolution: int) -> int:
     return int(resolution)
 
 
-def example(index: int, split: str = "train", resolution: int = 32, seed: int = 0) -> dict:
+def example(index: int, split: str = "train", resolution: int = 32, seed: int = 0, *,
+            palette: Palette = PALETTE, first_colour: int | None = None) -> dict:
     """{"image": uint8 [R, R, 3], "caption": str, and the labels of `labels()`}."""
     resolution = check_resolution(resolution)
-    placed = scene(index, split, seed)
+    placed = scene(index, split, seed, palette=palette, first_colour=first_colour)
     objects = [p.object for p in placed]
     # The rendering noise has its own stream (keyed by resolution too), so the scene above does
     # not depend on the resolution.
     noise_rng = np.random.default_rng([seed, _split_id(split), index, resolution])
-    return {"image": render(placed, resolution, noise_rng), "caption": caption(objects), **labels(objects)}
+    return {"image": render(placed, resolution, noise_rng), "caption": caption(objects, palette), **labels(objects)}

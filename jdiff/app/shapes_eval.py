@@ -20,7 +20,6 @@ from jdiff.app import shapes
 from jdiff.batching import map_batches, padded_batches
 from jdiff.data import decode_example, to_model_range
 
-_PALETTE = np.asarray([shapes.COLOUR_RGB[c] for c in shapes.COLOURS], np.float32) / 255.0
 _MIN_CHROMA = 0.18  # colourfulness separating objects from the grey background
 _MIN_PIXELS = 3
 # On 400 real train images (dataset 1.2.0, 32 px): triangles' downward 3-fold harmonic >= 0.54,
@@ -65,13 +64,15 @@ _BOX_FILL = {shapes.SHAPES.index("circle"): np.pi / 4, shapes.SHAPES.index("squa
              shapes.SHAPES.index("triangle"): 0.5}
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """Objects in an image ([H, W, 3], float in [0, 1] or uint8), largest first."""
+def detect(image: np.ndarray, palette: shapes.Palette = shapes.PALETTE) -> list[Detection]:
+    """Objects in an image ([H, W, 3], float in [0, 1] or uint8), largest first; colours are ids
+    into `palette` (a longer palette lets the detector name colours the set never shows)."""
     image = np.asarray(image, np.float32)
     if image.max() > 1.5:
         image = image / 255.0
     side = image.shape[0]
     chroma = image.max(axis=-1) - image.min(axis=-1)
+    reference = np.asarray(palette.rgb, np.float32) / 255.0
     detections = []
     for region in _components(chroma > _MIN_CHROMA):
         if len(region) < _MIN_PIXELS:
@@ -82,7 +83,7 @@ def detect(image: np.ndarray) -> list[Detection]:
         box_chroma = chroma[top:bottom + 1, left:right + 1]
         core = box_chroma >= np.quantile(chroma[rows, cols], 0.5)
         rgb = box[core].mean(axis=0)
-        colour = int(np.argmin(((_PALETTE - rgb) ** 2).sum(axis=-1)))
+        colour = int(np.argmin(((reference - rgb) ** 2).sum(axis=-1)))
         # Soft coverage: antialiased edge pixels count by how colourful they are.
         coverage = np.clip(box_chroma / max(float(box_chroma[core].mean()), 1e-3), 0, 1)
         height, width = bottom - top + 1, right - left + 1
@@ -133,12 +134,13 @@ def match(detections: Sequence[Detection], position: int) -> Detection | None:
     return min(detections, key=lambda d: (d.centre[0] - target[0]) ** 2 + (d.centre[1] - target[1]) ** 2)
 
 
-def score(images: Sequence[np.ndarray], objects: Sequence[Sequence[int]]) -> dict:
+def score(images: Sequence[np.ndarray], objects: Sequence[Sequence[int]],
+          palette: shapes.Palette = shapes.PALETTE) -> dict:
     """Accuracy of each attribute of the described first objects. objects: per image, the first
     object's (shape, colour, size, position) ids."""
     hits = {"colour": 0, "shape": 0, "size": 0, "position": 0, "all": 0, "found": 0}
     for image, (shape, colour, size, position) in zip(images, objects):
-        found = match(detect(image), position)
+        found = match(detect(image, palette), position)
         if found is None:
             continue
         ok = {"colour": found.colour == colour, "shape": found.shape == shape, "size": found.size == size,
