@@ -161,6 +161,8 @@ def scene(index: int, split: str = "train", seed: int = 0, *, palette: Palette =
     split_id = _split_id(split)
     if index < 0 or seed < 0:
         raise ConfigError(f"shapes index and seed must be non-negative (got index={index}, seed={seed}).")
+    if first_colour is not None and not 0 <= first_colour < len(palette.names):
+        raise ConfigError(f"first_colour {first_colour} is not a colour of the palette {palette.names}.")
     rng = np.random.default_rng([seed, split_id, index])
     used: set[int] = set()
     placed = [_place(rng, _pick(rng, first_object_pool(split, first_colour), used), used, palette)]
