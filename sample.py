@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or folder (diffusers/PEFT or kohya), at SCALE (default 1.0); repeatable")
+    p.add_argument("--vae-tiling", nargs="?", const=-1, type=int, metavar="TILE",
+                   help="decode (and encode --init-image) in overlapping tiles, as diffusers' enable_vae_tiling: "
+                        "for images larger than the VAE's own size; TILE pixels (default: the VAE's sample_size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
     p.add_argument("--out", default="samples")
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
                         width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
         if lora_scales:
             settings["lora_scales"] = lora_scales
+        if args.vae_tiling is not None:
+            settings["vae_tiling"] = True if args.vae_tiling == -1 else args.vae_tiling
         refiner = None
         if args.refiner:
             if args.init_image or args.mask:

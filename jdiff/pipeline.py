@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jdiff import guidance as guidance_lib, lora, samplers, sharding
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
+from jdiff.models import vae_tiling as tiling
 from jdiff.models.vae import scale_latents, unscale_latents
 
 # --- host-side input preparation ----------------------------------------------------------------
@@ -60,6 +61,18 @@ def _images(value, name: str, batch: int, channels: int) -> np.ndarray:
     return array
 
 
+def _vae_tile(pipe: Pipeline, vae_tiling) -> int:
+    """generate()'s vae_tiling as a tile size in pixels (0: no tiling)."""
+    if vae_tiling is False or vae_tiling is None:
+        return 0
+    tile = tiling.default_tile(pipe.vae) if vae_tiling is True else vae_tiling
+    f = pipe.vae_scale_factor
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile % f or tile < 4 * f:
+        raise ConfigError(f"vae_tiling must be True, False or a tile size in pixels that is a multiple of {f} "
+                          f"and at least {4 * f}, got {vae_tiling!r}.")
+    return int(tile)
+
+
 def _seeds(seed, batch: int) -> np.ndarray:
     """Per-image seeds: an int seed s gives images s, s+1, ...; a list gives one seed per image."""
     if isinstance(seed, (int, np.integer)):
@@ -89,11 +102,12 @@ class _Static:
     from_latents: bool  # the start is given as latents (a base model's hand-off), not as an image
     add_noise: bool  # noise the start to the first step's level (not when continuing a hand-off)
     output_latents: bool  # return the final latents instead of decoding them
+    vae_tile: int = 0  # > 0: the VAE encodes and decodes in tiles of this many pixels
 
 
-def _encode_image(vae, params, images):
+def _encode_image(vae, params, images, tile: int):
     """Latents of images in [-1, 1]: the posterior mean, scaled (deterministic; see generate)."""
-    posterior = vae.apply({"params": params}, images, method="encode")
+    posterior = tiling.encode(vae, params, images, tile)
     return scale_latents(vae.config, posterior.mode())
 
 
@@ -118,7 +132,7 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
             image_latents = image
         else:
             image = image * 2 - 1
-            image_latents = _encode_image(vae, params["vae"], image)
+            image_latents = _encode_image(vae, params["vae"], image, static.vae_tile)
         noised = samplers.noised_latents(image_latents, noise, plan) if static.add_noise else image_latents
         x = noised if static.mode == "image" else jnp.where(plan.start == 0, x, noised)
     if static.mode == "inpaint":
@@ -126,7 +140,7 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
         keep = (mask >= 0.5).astype(jnp.float32)  # 1 = repaint, binarised as diffusers does
         latent_mask = keep[:, ::f, ::f]
         if family.inpainting_channels(modules):  # the model sees the mask and the masked image
-            masked = _encode_image(vae, params["vae"], image * (1 - keep))  # masked region -> 0 (grey)
+            masked = _encode_image(vae, params["vae"], image * (1 - keep), static.vae_tile)  # masked: 0 (grey)
             extra = jnp.concatenate([latent_mask, masked], axis=-1)
         else:  # an ordinary model: keep the known region on the noisy trajectory every step
             known = (image_latents, latent_mask, noise)
@@ -140,7 +154,7 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
     latents = samplers.sample(denoise, x, plan, step_keys, known=known)
     if static.output_latents:
         return latents
-    images = vae.apply({"params": params["vae"]}, unscale_latents(vae.config, latents), method="decode")
+    images = tiling.decode(vae, params["vae"], unscale_latents(vae.config, latents), static.vae_tile)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -202,6 +216,7 @@ def generate(
     aesthetic_score=None,
     negative_aesthetic_score=None,
     lora_scales=None,
+    vae_tiling: Union[bool, int] = False,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -235,6 +250,9 @@ def generate(
     lora_scales: the loaded LoRA adapters' scales (jdiff.load_lora_weights): {name: scale} for the
       batch, or a list of one such dict per prompt (adapters mixed per image in one batch); a name
       left out is off. Default: every loaded adapter at 1.0. Traced: changing them never recompiles.
+    vae_tiling: True decodes (and encodes init images) in overlapping, blended tiles of the VAE's
+      sample_size pixels, as diffusers' `enable_vae_tiling()`, for images larger than that; an int
+      gives the tile size in pixels (a multiple of the VAE's downscale factor, at least 4 latents).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -249,6 +267,7 @@ def generate(
     f = pipe.vae_scale_factor
     if output_type not in ("np", "latent"):
         raise ConfigError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
+    vae_tile = _vae_tile(pipe, vae_tiling)
     options = {name: value for name, value in dict(
         original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
         negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
@@ -330,7 +349,7 @@ def generate(
                                         (plan, np.float32(guidance), np.float32(guidance_rescale)))
     static = _Static(family, tuple(sorted(pipe.modules.items())), (padded,) + latent_shape[1:], mode, use_cfg,
                      clip_skip, latents is not None, init_latents is not None, denoising_start is None,
-                     output_type == "latent")
+                     output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
     images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, rescale,
                        image, mask_array, static=static)

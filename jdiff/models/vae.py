@@ -326,10 +326,14 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = layers.conv(latent, 1, name=None, **kw) if cfg.use_post_quant_conv else None
 
     def encode(self, images: jax.Array) -> DiagonalGaussian:
+        return DiagonalGaussian.from_moments(self.encode_moments(images).astype(jnp.float32))
+
+    def encode_moments(self, images: jax.Array) -> jax.Array:
+        """The posterior's parameters [B, h, w, 2C] (mean, log-variance), as the network outputs them."""
         moments = self.encoder(images.astype(self.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
+        return moments
 
     def decode(self, latents: jax.Array) -> jax.Array:
         z = latents.astype(self.dtype)
