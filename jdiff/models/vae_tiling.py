@@ -80,27 +80,27 @@ def default_tile(vae) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _tiled(run, x: jax.Array, tile_in: int, tile_out: int) -> jax.Array:
+    """run(x), or run on tiles of `tile_in` pixels of x stitched into tiles of `tile_out` pixels of
+    the output, when tile_in > 0 and x is larger than one tile."""
+    if not tile_in or max(x.shape[1:3]) <= tile_in:
+        return run(x)
+    tiles, num_rows, num_cols = _map_tiles(run, x, tile_in, int(tile_in * (1 - OVERLAP)))
+    extent = int(tile_out * OVERLAP)
+    return _stitch(tiles, num_rows, num_cols, extent, tile_out - extent)
+
+
 def decode(vae, params, latents: jax.Array, tile: int = 0) -> jax.Array:
     """vae.decode(latents), in tiles of `tile` pixels when tile > 0 and the image is larger."""
-    latent_tile = tile // vae.config.downscale
     run = lambda z: vae.apply({"params": params}, z, method="decode")  # noqa: E731
-    if not tile or max(latents.shape[1:3]) <= latent_tile:
-        return run(latents)
-    tiles, num_rows, num_cols = _map_tiles(run, latents, latent_tile, int(latent_tile * (1 - OVERLAP)))
-    extent = int(tile * OVERLAP)
-    return _stitch(tiles, num_rows, num_cols, extent, tile - extent)
+    return _tiled(run, latents, tile // vae.config.downscale, tile)
 
 
 def encode_moments(vae, params, images: jax.Array, tile: int = 0) -> jax.Array:
     """The encoder's moments [B, h, w, 2C] (mean and log-variance, before the clip), tiled as
     `decode` when tile > 0 and the image is larger than a tile."""
     run = lambda x: vae.apply({"params": params}, x, method="encode_moments")  # noqa: E731
-    if not tile or max(images.shape[1:3]) <= tile:
-        return run(images)
-    latent_tile = tile // vae.config.downscale
-    tiles, num_rows, num_cols = _map_tiles(run, images, tile, int(tile * (1 - OVERLAP)))
-    extent = int(latent_tile * OVERLAP)
-    return _stitch(tiles, num_rows, num_cols, extent, latent_tile - extent)
+    return _tiled(run, images, tile, tile // vae.config.downscale)
 
 
 def encode(vae, params, images: jax.Array, tile: int = 0):
