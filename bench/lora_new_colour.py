@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,13 +33,11 @@ from jdiff.app import xla_flags  # noqa: E402
 
 xla_flags.use_cpu_flags(remat=False)  # as train.py does, before any backend starts
 
-import jax  # noqa: E402
 from report import write_report  # noqa: E402
 
 from configs.default import get_config  # noqa: E402
 from jdiff import image_io, load_lora_weights, load_pipeline  # noqa: E402
 from jdiff.app import recipe, shapes, shapes_eval  # noqa: E402
-from jdiff.data import to_model_range  # noqa: E402
 
 PALETTE = shapes.WITH_EXTRA_COLOUR
 TEAL = PALETTE.names.index(shapes.EXTRA_COLOUR)
@@ -60,7 +57,7 @@ def write_folder(folder: Path, examples: list[dict]) -> None:
 
 
 def first_labels(examples: list[dict]) -> list[tuple]:
-    return [tuple(int(e[k]) for k in ("shape", "colour", "size", "position")) for e in examples]
+    return shapes_eval.first_objects(examples, len(examples))[1]
 
 
 def colour_accuracy(images, examples: list[dict]) -> dict:
@@ -77,14 +74,6 @@ def colour_accuracy(images, examples: list[dict]) -> dict:
                             for c in sorted({label[1] for label in labels})},
                 per_object_count={f"{n}_objects": colour_of([i for i, e in enumerate(examples) if e["num_objects"] == n])
                                   for n in (1, 2)})
-
-
-def vae_ceiling(pipe, examples: list[dict]) -> dict:
-    vae = pipe.vae
-    rebuilt = jax.jit(lambda p, x: vae.apply({"params": p}, x))(
-        pipe.params["vae"], to_model_range(np.stack([e["image"] for e in examples])))
-    images = list(np.clip(np.asarray(rebuilt, np.float32) * 0.5 + 0.5, 0.0, 1.0))
-    return shapes_eval.score(images, first_labels(examples), PALETTE)
 
 
 def lora_config(args, pretrained: Path, folder: Path, resolution: int):
@@ -154,11 +143,10 @@ def main():
     results = dict(
         train_seconds=round(train_seconds, 1),
         train_seconds_note="wall time of recipe.run: data encoding, compiles, training, export and a 4-image grid",
-        detector_on_real_images=dict(teal_held_out=shapes_eval.score([e["image"] for e in teal], first_labels(teal),
-                                                                    PALETTE),
-                                     six_colours_held_out=shapes_eval.score([e["image"] for e in known],
-                                                                            first_labels(known), PALETTE)),
-        detector_on_vae_reconstructions=dict(teal_held_out=vae_ceiling(base, teal)),
+        detector_on_real_images={kind: shapes_eval.detector_accuracy(examples, len(examples), PALETTE)
+                                 for kind, examples in (("teal_held_out", teal), ("six_colours_held_out", known))},
+        detector_on_vae_reconstructions=dict(teal_held_out=shapes_eval.vae_ceiling(base, teal, len(teal),
+                                                                                   palette=PALETTE)),
         **models,
         targets_met=dict(
             teal_at_least_0_8=models["base_plus_lora"]["teal_held_out"]["colour_accuracy"] >= 0.8,

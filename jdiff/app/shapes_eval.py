@@ -162,14 +162,14 @@ def first_objects(source, count: int) -> tuple[list[str], list[tuple]]:
     return captions, labels
 
 
-def detector_accuracy(source, count: int = 500) -> dict:
+def detector_accuracy(source, count: int = 500, palette: shapes.Palette = shapes.PALETTE) -> dict:
     """The detector on real images of `source`: how well it reads ground truth."""
     _, labels = first_objects(source, count)
     images = [source[i]["image"] for i in range(len(labels))]
-    return score(images, labels)
+    return score(images, labels, palette)
 
 
-def vae_ceiling(pipe, source, count: int, batch_size: int = 50) -> dict:
+def vae_ceiling(pipe, source, count: int, batch_size: int = 50, palette: shapes.Palette = shapes.PALETTE) -> dict:
     """The detector on the pipeline's VAE reconstructions (posterior mode) of real images: what a
     perfect diffusion model, whose latents still pass through this decoder, would score."""
     import jax
@@ -179,7 +179,7 @@ def vae_ceiling(pipe, source, count: int, batch_size: int = 50) -> dict:
     reconstruct = jax.jit(lambda p, x: vae.apply({"params": p}, x))
     real = to_model_range(np.stack([source[i]["image"] for i in range(len(labels))]))
     rebuilt = map_batches(lambda batch: reconstruct(params, batch), real, batch_size)
-    return score(list(np.clip(rebuilt.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0)), labels)
+    return score(list(np.clip(rebuilt.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0)), labels, palette)
 
 
 def evaluate_pipeline(pipe, source, *, num_prompts: int, guidances: Sequence[float], sampler: str, steps: int,
