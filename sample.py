@@ -28,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="default: what diffusers' pipeline of the checkpoint runs (50 for SD)")
     p.add_argument("--guidance", type=float, help="default: diffusers' for the family (7.5 SD, 5.0 SDXL)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--true-cfg-scale", type=float, default=1.0,
+                   help="Flux: classifier-free guidance with --negative-prompt on top of the embedded guidance")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -43,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--vae-tiling", nargs="?", const=-1, type=int, metavar="TILE",
                    help="decode (and encode --init-image) in overlapping tiles, as diffusers' enable_vae_tiling: "
                         "for images larger than the VAE's own size; TILE pixels (default: the VAE's sample_size)")
+    p.add_argument("--max-sequence-length", type=int,
+                   help="SD3 and Flux: the T5 prompt's token count (diffusers' defaults: 256 and 512)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
     p.add_argument("--out", default="samples")
@@ -88,10 +92,14 @@ def main(argv=None) -> int:
         settings = dict(sampler=args.sampler or default_sampler, steps=args.steps or default_steps,
                         guidance=guidance, height=args.height,
                         width=args.width, eta=args.eta, guidance_rescale=args.guidance_rescale)
+        if args.true_cfg_scale != 1.0:
+            settings["true_cfg_scale"] = args.true_cfg_scale
         if lora_scales:
             settings["lora_scales"] = lora_scales
         if args.vae_tiling is not None:
             settings["vae_tiling"] = True if args.vae_tiling == -1 else args.vae_tiling
+        if args.max_sequence_length is not None:
+            settings["max_sequence_length"] = args.max_sequence_length
         refiner = None
         if args.refiner:
             if args.init_image or args.mask:

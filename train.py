@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from jdiff import distributed
 from jdiff.app import huge_pages, recipe, xla_flags
 from jdiff.errors import CheckpointError, ConfigError, TrainingError
+from jdiff.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "default.py"),
                                           "an ml_collections config file (get_config())", lock_config=True)
@@ -42,6 +43,9 @@ def main(argv):
     except (ConfigError, CheckpointError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stopped:  # SIGTERM or SIGINT: saved; a rerun resumes
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
     if jax.process_index() == 0:
         if results:
             print(json.dumps(results, indent=2))

@@ -30,7 +30,13 @@ SD15_VAE = dict(
 )
 
 
-def compare(name, torch_fn, jax_fn, jax_args, repeats, extra):
+def nchw_to_nhwc(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 3, 1)
+
+
+def compare(name, torch_fn, jax_fn, jax_args, repeats, extra, to_jax_layout=nchw_to_nhwc):
+    """Times torch_fn and the compiled jax_fn(*jax_args) (best of `repeats` after a warm-up) and
+    checks they agree; to_jax_layout turns PyTorch's output into jdiff's layout."""
     print(f"[{name}] PyTorch warm-up and {repeats} runs...", flush=True)
     with torch.no_grad():
         torch_ref = torch_fn()
@@ -43,7 +49,7 @@ def compare(name, torch_fn, jax_fn, jax_args, repeats, extra):
     out = compiled(*jax_args).block_until_ready()
     jax_times = seconds(lambda: compiled(*jax_args).block_until_ready(), repeats)
 
-    ref = torch_ref.numpy().transpose(0, 2, 3, 1)
+    ref = to_jax_layout(torch_ref.numpy())
     error = float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)))
     result = dict(
         name=name, **extra,

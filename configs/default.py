@@ -117,10 +117,17 @@ def get_config() -> ml_collections.ConfigDict:
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
     config.diffusion = ml_collections.ConfigDict(dict(
         min_snr_gamma=0.0,  # 0 = plain MSE
-        # Which timesteps training visits: "uniform", or "logit_normal" (t/T = sigmoid(N(logit_mean,
-        # logit_std))), which spends fewer steps where the latents are nearly pure noise.
-        timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0,
+        # Which timesteps training visits (jdiff.losses.sample_unit): "uniform", "logit_normal"
+        # (sigmoid(N(logit_mean, logit_std)): fewer at the two ends) or "mode" (SD3's, mode_scale).
+        # Unset: "uniform" for noise schedules; for rectified flow "logit_normal" (the SD3 paper's and
+        # diffusers' SD3 scripts' default; its Flux scripts draw uniformly), or "uniform" when
+        # flow_weighting is set (as diffusers' single --weighting_scheme option does).
+        timestep_sampling=placeholder(str), logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
         noise_offset=0.0,
+        # Rectified flow only: loss weights "none", "sigma_sqrt" or "cosmap", and the SD3 script's
+        # precondition_outputs (compare noisy - sigma * output with the clean latents).
+        flow_weighting="none", precondition_outputs=False,
+        guidance_scale=3.5,  # given to a denoiser that embeds the guidance scale (Flux-dev)
         train_text_encoder=True,  # False: keep a pretrained text encoder frozen
         # The schedule is the model's own (config.scheduler, or a pretrained checkpoint's scheduler);
         # a field set here overrides it and the export records it. Unset = the model's own.
@@ -128,7 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
             "prediction_type": placeholder(str), "beta_schedule": placeholder(str),
             "beta_start": placeholder(float), "beta_end": placeholder(float),
             "num_train_timesteps": placeholder(int), "timestep_spacing": placeholder(str),
-            "rescale_betas_zero_snr": placeholder(bool)}),
+            "rescale_betas_zero_snr": placeholder(bool), "shift": placeholder(float)}),
         change_prediction_type=False,  # True: allow schedule.prediction_type to differ from the model's
     ))
     config.family = "stable-diffusion"  # the model family built from config.vae/.text/.unet (jdiff.families)

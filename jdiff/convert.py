@@ -25,7 +25,7 @@ from jdiff.errors import CheckpointError
 
 # PyTorch ModuleLists: Flax names their items `name_i`, PyTorch keys them `name.i`.
 _LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-                 "transformer_blocks", "to_out", "net", "layers")
+                 "transformer_blocks", "single_transformer_blocks", "to_out", "net", "layers", "block", "layer")
 _LIST_ITEM = re.compile(rf"({'|'.join(_LIST_MODULES)})_(\d+)")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # Buffers that the reference libraries may store but that are not parameters.
@@ -205,6 +205,9 @@ class Component:
     example_inputs: Callable[[Any], tuple]  # config -> arguments for module.init
     config_header: dict  # written in front of the config's own fields
     canonical_keys: Callable[[dict], dict] = lambda state: state  # undo known key-naming variants
+    # Constant buffers the reference stores in its weights but jdiff computes: config -> {key: array}.
+    # Checked against the stored ones on load (a mismatch means a different model), written on save.
+    buffers: Callable[[Any], dict] = lambda config: {}
 
 
 def _class_name(raw: dict) -> str:
@@ -222,6 +225,14 @@ def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jn
     module = kind.build(config, dtype=dtype, param_dtype=param_dtype, **options)
     shapes = param_shapes(kind, module)
     state = kind.canonical_keys(read_state_dict(folder))
+    for key, expected in kind.buffers(config).items():
+        stored = state.pop(key, None)
+        # Released files store it in float16 or bfloat16 (rounding up to ~1e-2); another config's
+        # table differs by far more.
+        if stored is not None and (stored.shape != expected.shape
+                                   or not np.allclose(np.asarray(stored, np.float32), expected, atol=2e-2)):
+            raise CheckpointError(f"{folder}: buffer {key!r} {tuple(stored.shape)} is not the one the config implies "
+                                  f"{tuple(expected.shape)}; the config does not describe these weights.")
     params = params_from_state_dict(state, shapes, source=str(folder))
     return module, params
 
@@ -234,7 +245,8 @@ def param_shapes(kind: Component, module):
 
 def save_component(kind: Component, module, params, folder) -> None:
     config = {**kind.config_header, **module.config.to_dict()}
-    write_folder(folder, config, state_dict_from_params(params), kind.weights_name)
+    state = {**state_dict_from_params(params), **kind.buffers(module.config)}
+    write_folder(folder, config, state, kind.weights_name)
 
 
 def _unet() -> Component:
@@ -263,6 +275,33 @@ def _vae() -> Component:
     )
 
 
+def _sd3_transformer() -> Component:
+    from jdiff.models import sd3_transformer
+
+    return Component(
+        class_names=("SD3Transformer2DModel",),
+        weights_name="diffusion_pytorch_model.safetensors",
+        parse_config=sd3_transformer.SD3TransformerConfig.from_dict,
+        build=sd3_transformer.SD3Transformer2DModel,
+        example_inputs=sd3_transformer.example_inputs,
+        config_header={"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.42.1"},
+        buffers=lambda config: {"pos_embed.pos_embed": config.position_embedding()},
+    )
+
+
+def _flux_transformer() -> Component:
+    from jdiff.models import flux_transformer
+
+    return Component(
+        class_names=("FluxTransformer2DModel",),
+        weights_name="diffusion_pytorch_model.safetensors",
+        parse_config=flux_transformer.FluxTransformerConfig.from_dict,
+        build=flux_transformer.FluxTransformer2DModel,
+        example_inputs=flux_transformer.example_inputs,
+        config_header={"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"},
+    )
+
+
 def _with_text_model_prefix(state: dict) -> dict:
     """transformers 5 saves a CLIPTextModel's keys without the `text_model.` prefix that
     CLIPTextModelWithProjection and released checkpoints use; accept both."""
@@ -285,6 +324,28 @@ def _text_encoder() -> Component:
     )
 
 
+def _untied_t5_embedding(state: dict) -> dict:
+    """T5 ties `encoder.embed_tokens` to `shared`; some files store both, some only one."""
+    tied = state.pop("encoder.embed_tokens.weight", None)
+    if tied is not None and "shared.weight" not in state:
+        state["shared.weight"] = tied
+    return state
+
+
+def _t5_encoder() -> Component:
+    from jdiff.models import t5
+
+    return Component(
+        class_names=("T5EncoderModel",),
+        weights_name="model.safetensors",
+        parse_config=t5.T5Config.from_dict,
+        build=t5.T5EncoderModel,
+        example_inputs=t5.example_inputs,
+        config_header={},
+        canonical_keys=_untied_t5_embedding,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points. Each `load_*` returns (module, params); `save_*` writes the same format.
 
@@ -304,6 +365,30 @@ def load_text_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **o
     return load_component(_text_encoder(), folder, dtype=dtype, param_dtype=param_dtype, **options)
 
 
+def load_sd3_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """SD3/SD3.5 MMDiT from a diffusers `transformer/` folder. options: `gradient_checkpointing=True`."""
+    return load_component(_sd3_transformer(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def load_flux_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """Flux.1 transformer from a diffusers `transformer/` folder. options: `gradient_checkpointing=True`."""
+    return load_component(_flux_transformer(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def load_t5_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """T5 encoder from a transformers `T5EncoderModel` folder (SD3's `text_encoder_3/`, Flux's
+    `text_encoder_2/`), single or sharded safetensors."""
+    return load_component(_t5_encoder(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+
+
+def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32):
+    """AutoencoderKL as the SDXL, SD3 and Flux pipelines run it: where its config says
+    `force_upcast` (the VAE overflows in float16/bfloat16) it computes in float32 whatever `dtype`
+    says."""
+    force_upcast = read_json(Path(folder) / "config.json").get("force_upcast", True)
+    return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype)
+
+
 def save_unet(module, params, folder) -> None:
     save_component(_unet(), module, params, folder)
 
@@ -314,6 +399,18 @@ def save_vae(module, params, folder) -> None:
 
 def save_text_encoder(module, params, folder) -> None:
     save_component(_text_encoder(), module, params, folder)
+
+
+def save_sd3_transformer(module, params, folder) -> None:
+    save_component(_sd3_transformer(), module, params, folder)
+
+
+def save_flux_transformer(module, params, folder) -> None:
+    save_component(_flux_transformer(), module, params, folder)
+
+
+def save_t5_encoder(module, params, folder) -> None:
+    save_component(_t5_encoder(), module, params, folder)
 
 
 def load_tokenizer(folder, max_length: int = 77):
@@ -329,5 +426,21 @@ def load_tokenizer(folder, max_length: int = 77):
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     if len(tokenizer) < 3:
         raise CheckpointError(f"tokenizer in {str(folder)!r} loaded with an empty vocabulary.")
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def load_t5_tokenizer(folder, max_length: int = 256):
+    """`transformers.T5TokenizerFast` from a local folder with tokenizer.json (as SD3's
+    `tokenizer_3/` and Flux's `tokenizer_2/` ship it). max_length: the pipeline's
+    `max_sequence_length` (diffusers: 256 for SD3, 512 for Flux-dev, 256 for Flux-schnell)."""
+    from transformers import T5TokenizerFast
+
+    folder = _require_folder(folder)
+    if not (folder / "tokenizer.json").is_file():
+        only_spiece = " (it has spiece.model only; re-save it with transformers' T5TokenizerFast)" \
+            if (folder / "spiece.model").is_file() else ""
+        raise CheckpointError(f"T5 tokenizer folder {str(folder)!r} has no tokenizer.json{only_spiece}.")
+    tokenizer = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
     tokenizer.model_max_length = max_length
     return tokenizer

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -27,23 +28,109 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(image, np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
+# A1111's names for the samplers it shares with jdiff (its "Sampler:" field; diffusers' docs pair them
+# with the same schedulers). Others keep jdiff's name.
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler_a": "Euler a", "dpm++2m": "DPM++ 2M",
+                  "dpm++2m_karras": "DPM++ 2M Karras", "dpm++2m_sde": "DPM++ 2M SDE",
+                  "dpm++2m_sde_karras": "DPM++ 2M SDE Karras", "unipc": "UniPC", "lms": "LMS", "heun": "Heun",
+                  "lcm": "LCM"}
+_JDIFF_SAMPLERS = {v: k for k, v in A1111_SAMPLERS.items()}
+# jdiff's setting -> A1111's field, in the order A1111 writes them.
+_A1111_FIELDS = (("steps", "Steps"), ("sampler", "Sampler"), ("guidance", "CFG scale"), ("seed", "Seed"),
+                 ("size", "Size"), ("model", "Model"), ("strength", "Denoising strength"))
+_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(value) -> str:
+    """A field value as A1111 writes it: JSON-quoted when it holds a comma, colon or line break."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def a1111_parameters(parameters: Mapping, width: int, height: int) -> str | None:
+    """The `parameters` text that A1111, Forge, ComfyUI's loaders and image sites read: the prompt,
+    a `Negative prompt:` line, then `Steps: 25, Sampler: ..., CFG scale: 7.5, Seed: 1, Size: WxH, ...`.
+    None when there is no single prompt (a grid of several)."""
+    prompt = parameters.get("prompt")
+    if not isinstance(prompt, str):
+        return None
+    values = {**parameters, "size": f"{width}x{height}"}
+    values["sampler"] = A1111_SAMPLERS.get(values.get("sampler"), values.get("sampler"))
+    if values.get("model") is not None:
+        values["model"] = Path(str(values["model"]).rstrip("/")).name  # the model's name, not the local path
+    fields = [f"{name}: {_quote(values[key])}" for key, name in _A1111_FIELDS if values.get(key) is not None]
+    lines = [prompt]
+    if parameters.get("negative_prompt"):
+        lines.append(f"Negative prompt: {parameters['negative_prompt']}")
+    return "\n".join(lines + [", ".join(fields)])
+
+
+def parse_a1111_parameters(text: str) -> dict:
+    """An A1111-style `parameters` text as jdiff's keys (prompt, negative_prompt, steps, sampler,
+    guidance, seed, width, height, model, strength); fields jdiff has no name for keep A1111's."""
+    lines = text.strip().split("\n")
+    found = _FIELD.findall(lines[-1])
+    fields = dict(found) if len(found) >= 2 else {}
+    if fields:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative) or None}
+    by_name = {name: key for key, name in _A1111_FIELDS}
+    for name, value in fields.items():
+        name, value = name.strip(), value.strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        key = by_name.get(name, name)
+        if key == "size" and re.fullmatch(r"\d+x\d+", value):
+            result["width"], result["height"] = (int(v) for v in value.split("x"))
+        elif key in ("steps", "seed") and value.lstrip("-").isdigit():
+            result[key] = int(value)
+        elif key in ("guidance", "strength"):
+            result[key] = float(value)
+        elif key == "sampler":
+            result[key] = _JDIFF_SAMPLERS.get(value, value)
+        else:
+            result[key] = value
+    return result
+
+
 def save_png(path, image: np.ndarray, parameters: Mapping) -> None:
-    """Writes image [H, W, 3] in [0, 1]; `parameters` go into the PNG's text chunks, one per key,
-    and all together as JSON under "parameters". Written to a temporary name first, so an
-    interrupted run never leaves a truncated file under the final name."""
+    """Writes image [H, W, 3] in [0, 1] with its generation parameters in two text chunks:
+    `parameters`, in the text form other tools read (`a1111_parameters`), and `jdiff`, every setting
+    as JSON. (No chunk named `prompt`: ComfyUI reads that one as its own JSON graph.) Written to a
+    temporary name first, so an interrupted run never leaves a truncated file under the final name."""
     path = Path(path)
+    pixels = to_uint8(image)
     info = PngImagePlugin.PngInfo()
-    for key, value in parameters.items():
-        info.add_text(str(key), str(value))
-    info.add_text("parameters", json.dumps(dict(parameters), default=str))
+    text = a1111_parameters(parameters, width=pixels.shape[1], height=pixels.shape[0])
+    if text is not None:
+        info.add_itxt("parameters", text)  # international text: prompts need not be Latin-1
+    info.add_itxt("jdiff", json.dumps(dict(parameters), default=str, ensure_ascii=False))
     partial = path.with_name(path.name + ".partial")
-    Image.fromarray(to_uint8(image)).save(partial, format="PNG", pnginfo=info)
+    Image.fromarray(pixels).save(partial, format="PNG", pnginfo=info)
     partial.replace(path)
 
 
 def read_png_parameters(path) -> dict:
+    """A PNG's generation parameters: jdiff's full record when it wrote the file, otherwise those of
+    the `parameters` text another tool (A1111, Forge, ...) wrote, or the JSON that earlier jdiff versions wrote there."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image {str(path)!r} does not exist.")
     with Image.open(path) as image:
-        return json.loads(image.text["parameters"])
+        text = dict(image.text)
+    if "jdiff" in text:
+        return json.loads(text["jdiff"])
+    if "parameters" in text:
+        try:
+            return json.loads(text["parameters"])
+        except ValueError:
+            return parse_a1111_parameters(text["parameters"])
+    raise ConfigError(f"{str(path)!r} carries no generation parameters (no 'jdiff' or 'parameters' text chunk).")
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:

@@ -112,8 +112,10 @@ def _encode_image(vae, params, images, tile: int):
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, rescale, image, mask,
-              *, static: _Static):
+def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale, rescale,
+              image, mask, *, static: _Static):
+    """scale: the guidance scale a model embeds (LCM, Flux-dev); cfg_scale: the classifier-free
+    guidance weight (the same number, except for true CFG on a guidance-embedding model)."""
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
     modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
@@ -147,7 +149,7 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
 
     if static.use_cfg:
         negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip)
-        denoise = guidance_lib.classifier_free_guidance(model_fn, cond, negative, scale, rescale, extra)
+        denoise = guidance_lib.classifier_free_guidance(model_fn, cond, negative, cfg_scale, rescale, extra)
     else:
         denoise = guidance_lib.unguided(model_fn, cond, extra)
 
@@ -217,6 +219,8 @@ def generate(
     negative_aesthetic_score=None,
     lora_scales=None,
     vae_tiling: Union[bool, int] = False,
+    max_sequence_length: Optional[int] = None,
+    true_cfg_scale: float = 1.0,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -253,6 +257,11 @@ def generate(
     vae_tiling: True decodes (and encodes init images) in overlapping, blended tiles of the VAE's
       sample_size pixels, as diffusers' `enable_vae_tiling()`, for images larger than that; an int
       gives the tile size in pixels (a multiple of the VAE's downscale factor, at least 4 latents).
+    max_sequence_length: the T5 prompt's token count of SD3 (default 256) and Flux (default 512), as
+      diffusers' argument; static (a new length compiles a new program).
+    true_cfg_scale: classifier-free guidance on top of a model that embeds its guidance scale (Flux's
+      `true_cfg_scale`): > 1 runs the negative prompts (required) as the unconditional half with
+      this weight, while `guidance` still goes into the model. Traced.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -260,7 +269,7 @@ def generate(
     default_sampler, default_steps = checkpoint_sampling(pipe)
     guidance = pipe.family.default_guidance if guidance is None else guidance
     sampler = sampler or default_sampler
-    samplers.check_sampler(sampler)
+    samplers.check_sampler(sampler, pipe.scheduler.class_name)
     steps = default_steps if steps is None else steps
     batch = len(prompts)
     negatives = _as_list(negative_prompts, batch, "negative_prompts")
@@ -268,6 +277,13 @@ def generate(
     if output_type not in ("np", "latent"):
         raise ConfigError(f"output_type must be 'np' or 'latent', got {output_type!r}.")
     vae_tile = _vae_tile(pipe, vae_tiling)
+    if max_sequence_length is not None:
+        if not pipe.family.long_prompts:
+            raise ConfigError(f"max_sequence_length sets the T5 prompt length of SD3 and Flux; {pipe.family.name} "
+                              "models have no T5 encoder.")
+        if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
+            raise ConfigError(f"max_sequence_length must be an integer in 1..512 (as diffusers), got "
+                              f"{max_sequence_length!r}.")
     options = {name: value for name, value in dict(
         original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
         negative_original_size=negative_original_size, negative_crops_coords_top_left=negative_crops_coords_top_left,
@@ -323,11 +339,20 @@ def generate(
         if latents.shape != latent_shape:
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
+    family = pipe.family
+    levels_options = family.levels_options(pipe, steps, height, width) if family.levels_options else None
     plan = samplers.make_plan(sampler, pipe.scheduler.config, steps, strength=strength if mode != "text" else 1.0,
                               eta=eta, explicit=pipe.scheduler.explicit, denoising_start=denoising_start,
-                              denoising_end=denoising_end)
-    family = pipe.family
-    use_cfg = guidance > 1 and not family.embeds_guidance(pipe.modules)
+                              denoising_end=denoising_end, levels_options=levels_options)
+    embeds = family.embeds_guidance(pipe.modules)
+    if true_cfg_scale != 1.0:
+        if not embeds:
+            raise ConfigError(f"true_cfg_scale is classifier-free guidance for models that embed their guidance scale "
+                              f"(Flux); {family.name} models are guided by `guidance`.")
+        if negative_prompts is None:
+            raise ConfigError("true_cfg_scale needs negative_prompts (diffusers ignores it without them).")
+    use_cfg = true_cfg_scale > 1 if embeds else guidance > 1
+    cfg_scale = true_cfg_scale if embeds else guidance
 
     # Pad the batch to a multiple of the batch axes (data x fsdp), shard it, drop the padding after.
     mesh = mesh or sharding.make_mesh({"data": -1})  # every device samples its own prompts
@@ -339,18 +364,21 @@ def generate(
         given = np.array([n is not None for n in negatives])
         extra, negative_extra = family.extra_conditioning(pipe, batch, height, width, options, given)
     negatives = ["" if n is None else n for n in negatives]
-    batch_inputs = ({**family.tokenize(pipe, prompts), **extra}, {**family.tokenize(pipe, negatives), **negative_extra},
+    sequence = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+    tokenize = functools.partial(family.tokenize, pipe, **sequence)
+    batch_inputs = ({**tokenize(prompts), **extra}, {**tokenize(negatives), **negative_extra},
                     _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch))
     sharded = sharding.batch_sharding(mesh)
     tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
-    plan, scale, rescale = jax.tree.map(lambda a: sharding.put(a, replicated),
-                                        (plan, np.float32(guidance), np.float32(guidance_rescale)))
+    plan, scale, cfg_scale, rescale = jax.tree.map(
+        lambda a: sharding.put(a, replicated),
+        (plan, np.float32(guidance), np.float32(cfg_scale), np.float32(guidance_rescale)))
     static = _Static(family, tuple(sorted(pipe.modules.items())), (padded,) + latent_shape[1:], mode, use_cfg,
                      clip_skip, latents is not None, init_latents is not None, denoising_start is None,
                      output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
-    images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, rescale,
-                       image, mask_array, static=static)
+    images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale,
+                       rescale, image, mask_array, static=static)
     return _to_host(images)[:batch]

@@ -168,6 +168,14 @@ class SchedulerConfig:
     original_inference_steps: int = 50  # LCM
     timestep_scaling: float = 10.0  # LCM
     shift: float = 1.0  # flow matching
+    # Flow matching with the shift chosen per image size (Flux-dev): mu grows linearly in the
+    # image's token count from base_shift at base_image_seq_len to max_shift at max_image_seq_len.
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
 
     def validate(self, source: str = "scheduler config") -> None:
         checks = {
@@ -178,6 +186,7 @@ class SchedulerConfig:
             "final_sigmas_type": (self.final_sigmas_type, ("zero", "sigma_min")),
             "solver_type": (self.solver_type, SOLVER_TYPES),
             "algorithm_type": (self.algorithm_type, ("dpmsolver++", "sde-dpmsolver++")),
+            "time_shift_type": (self.time_shift_type, ("exponential", "linear")),
         }
         for name, (value, valid) in checks.items():
             if value not in valid:
@@ -231,7 +240,7 @@ _UNSUPPORTED = {
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
     "use_lu_lambdas": (False, None),
-    "use_dynamic_shifting": (False, None),
+    "shift_terminal": (None, 0, 0.0),
     "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", None),
     "lambda_min_clipped": (-math.inf, None),
     "predict_x0": (True, None),  # UniPC on noise predictions
@@ -245,6 +254,17 @@ _UNSUPPORTED = {
     "invert_sigmas": (False, None),
     "stochastic_sampling": (False, None),
 }
+
+
+def is_flow(scheduler_class: str) -> bool:
+    """True for a rectified-flow scheduler (the model predicts a velocity between data and noise)."""
+    return scheduler_class.startswith("FlowMatch")
+
+
+def flow_shift_mu(config: SchedulerConfig, image_seq_len: int) -> float:
+    """diffusers' `calculate_shift`: the dynamic shift for an image of `image_seq_len` tokens."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return image_seq_len * slope + config.base_shift - slope * config.base_image_seq_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +284,7 @@ class Scheduler:
 # The fields a training run may set on a pretrained model's scheduler.
 TRAINING_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                    "timestep_spacing", "rescale_betas_zero_snr")
+FLOW_TRAINING_FIELDS = ("num_train_timesteps", "shift")  # a rectified-flow schedule has no betas
 
 
 def training_scheduler(base: Scheduler, overrides: Mapping[str, Any], change_prediction_type: bool = False,
@@ -271,11 +292,18 @@ def training_scheduler(base: Scheduler, overrides: Mapping[str, Any], change_pre
     """The scheduler a run trains with: `base` (the checkpoint's, or the one a model built from a
     config ships) with the fields `overrides` sets (None = keep the base's). The result records
     what was trained, so an export's scheduler_config.json says it. Training a model for another
-    prediction type than it was trained for is a new objective, allowed only when asked for."""
+    prediction type than it was trained for is a new objective, allowed only when asked for; a
+    rectified-flow schedule (SD3, Flux) takes only its own fields."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(overrides) - set(TRAINING_FIELDS))
+    flow = is_flow(base.class_name)
+    fields = FLOW_TRAINING_FIELDS if flow else TRAINING_FIELDS
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: {unknown} cannot be set for training; the fields are {TRAINING_FIELDS}.")
+        kind = f"{base.class_name} (rectified flow)" if flow else "this noise schedule"
+        raise ConfigError(f"{source}: {unknown} cannot be set for training {kind}; the fields are {fields}.")
+    if flow and "shift" in overrides and base.config.use_dynamic_shifting:
+        raise ConfigError(f"{source}.shift: this scheduler shifts by the image size (use_dynamic_shifting), "
+                          "so training draws unshifted levels and a fixed shift would not be used.")
     new_type = overrides.get("prediction_type", base.config.prediction_type)
     if new_type != base.config.prediction_type and not change_prediction_type:
         raise ConfigError(

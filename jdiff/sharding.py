@@ -34,10 +34,14 @@ RULES = {
     "heads": "tensor",  # attention projections' head side
     "mlp": "tensor",  # MLP hidden units
 }
-_COLUMN_PARALLEL = {"to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj"}  # (embed, heads)
-_ROW_PARALLEL = {"to_out_0", "out_proj"}  # (heads, embed)
-_MLP_IN = {"fc1", "proj"}  # (embed, mlp); "proj" is the GEGLU input layer of diffusers' FeedForward
-_MLP_OUT = {"fc2", "net_2"}  # (mlp, embed)
+# Layer names by role: CLIP (q_proj, fc1), diffusers' attention and FeedForward (to_q, net_2), the
+# text stream of SD3/Flux joint attention (add_q_proj, to_add_out), Flux's single-stream MLP
+# (proj_mlp), T5 (q, o, wi_0, wo).
+_COLUMN_PARALLEL = {"to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "q", "k", "v"}  # (embed, heads)
+_ROW_PARALLEL = {"to_out_0", "out_proj", "to_add_out", "o"}  # (heads, embed)
+_MLP_IN = {"fc1", "proj", "proj_mlp", "wi", "wi_0", "wi_1"}  # (embed, mlp); "proj": diffusers' GEGLU/GELU input
+_MLP_OUT = {"fc2", "net_2", "wo"}  # (mlp, embed)
 MIN_FSDP_SIZE = 1 << 14  # leaves smaller than this (norms, biases) are not worth a collective
 
 

@@ -8,6 +8,7 @@ its loss, its frozen parameters, how a host batch becomes model inputs, and its 
 import dataclasses
 import functools
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from jdiff import sharding
 from jdiff.checkpoint import Checkpoints
 from jdiff.errors import TrainingError
+from jdiff.preemption import Preempted, StopOnSignal
 
 
 @flax.struct.dataclass
@@ -87,7 +89,10 @@ def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, em
     # EMA warm-up (as diffusers' EMAModel): early on, a 0.999 average would still be mostly the
     # random initialisation; the effective decay grows from 0.1 towards ema_decay.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    # new + decay (old - new), EMAModel's update rearranged: exactly `old` where a parameter did not
+    # move and exactly `new` at decay 0 (decay * old + (1 - decay) * new can be an ulp off either way,
+    # and its rounding depends on how the compiler fuses it).
+    ema = jax.tree.map(lambda new, old: (new + decay * (old - new)).astype(old.dtype), params, state.ema_params)
     if isinstance(optimizer, optax.MultiSteps):  # the EMA follows real updates, not micro-steps
         updated = optimizer.has_updated(opt_state)
         ema = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema, state.ema_params)
@@ -218,9 +223,10 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
                     f"Lower the learning rate or check the data.")
         return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]} if fetched else {}
 
+    stops = StopOnSignal(f"the {stage.name} stage")
     try:
-        with tqdm(total=config.steps, initial=start, desc=stage.name, unit="step",
-                  disable=jax.process_index() != 0) as bar:
+        with stops, tqdm(total=config.steps, initial=start, desc=stage.name, unit="step",
+                         disable=jax.process_index() != 0) as bar:
             for step in range(start, stop):
                 batch = _global_batch(stage.prepare_batch(next(data)), batch_sharding)
                 state, metrics = step_fn(state, batch, frozen)
@@ -237,11 +243,16 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
                     history.append({"step": done, **averages})
                     logger.line(f"step {done}/{config.steps} " + " ".join(
                         f"{k} {v:.4g}" for k, v in averages.items()))
-                if done % config.checkpoint_every == 0 or done == stop:
+                preempted = stops.stop_now(done)
+                if done % config.checkpoint_every == 0 or done == stop or preempted:
                     flush(done)  # never save parameters that came from a non-finite step
                     checkpoints.save(done, state, {"data": data.get_state(), "model": stage.model_meta,
                                                    "stage": stage.name})
                     last_good = done
+                if preempted:  # no evaluation: the time left before the machine goes may be short
+                    checkpoints.wait()
+                    logger.line(f"stopped by {signal.Signals(stops.signum).name}: step {done} saved")
+                    raise Preempted(stage.name, done, stops.signum, checkpoints.directory)
                 if stage.evaluate and (done % config.eval_every == 0 or done == config.steps):
                     results = stage.evaluate(state.ema_params, done)
                     images = {k: results.pop(k) for k in [k for k in results if np.ndim(results[k]) == 3]}
@@ -251,6 +262,11 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
                     if results:
                         logger.line(f"eval at step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()))
                 bar.update(1)
+            # A signal during the last step's save or evaluation (one process; on several, JAX's
+            # service carries it to the next stage's loop, where all hosts stop together).
+            if stops.signum is not None:
+                checkpoints.wait()
+                raise Preempted(stage.name, stop, stops.signum, checkpoints.directory)
     finally:
         checkpoints.close()
         logger.close()

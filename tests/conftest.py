@@ -1,12 +1,17 @@
-"""Shared test set-up: eight fake CPU devices for the sharded paths, CPU-sized PyTorch for the
-reference side."""
+"""Shared test set-up: eight fake CPU devices for the sharded paths, a shared compile cache, CPU-sized
+PyTorch for the reference side."""
 
+import atexit
+import gc
 import os
+import shutil
 import tempfile
+
+from compile_flags import BASE_FLAGS
 
 # Must precede the first `import jax`: the sharding tests split batches over these devices.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+    [*BASE_FLAGS, os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -20,10 +25,53 @@ torch.set_num_threads(2)
 
 # Many tests build the same tiny train steps again (each `train_lib.train` call jits a new closure,
 # which JAX's in-memory cache cannot match); the persistent cache matches them by their program.
-# A fresh folder per session, so nothing carries over between runs.
+# A fresh folder per session, so nothing carries over between runs. (At LLVM level 0, writing an
+# entry crashed XLA:CPU; see compile_flags.py. At the default level it never has.)
 _COMPILE_CACHE = tempfile.mkdtemp(prefix="jdiff-test-compile-cache-")
 enable_compilation_cache(_COMPILE_CACHE)
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for the subprocesses tests start
+
+
+def _memory_map_count() -> int:
+    """How many memory mappings this process holds (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return 0
+
+
+_peak_maps_after_module = [0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Free every compiled program once a test file is done.
+
+    XLA:CPU maps each loaded executable's code in several memory mappings, and JAX's jit caches keep
+    executables alive for as long as their function lives. Over the whole suite the process reached
+    Linux's default limit of 65530 mappings (`vm.max_map_count`) after about 300 tests, and the next
+    mmap inside XLA failed: CI crashed with SIGSEGV or SIGABRT in `executable.serialize()` or in
+    compiling, never in a test run alone. Clearing the caches between files keeps the count to what
+    one file needs; the persistent compile cache makes recompiling a program another file shares
+    cheap.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
+    _peak_maps_after_module[0] = max(_peak_maps_after_module[0], _memory_map_count())
+
+
+def pytest_terminal_summary(terminalreporter):
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            maximum = limit.read().strip()
+    except OSError:
+        maximum = "unknown"
+    terminalreporter.write_line(
+        f"memory mappings after a test file, at most: {_peak_maps_after_module[0]} "
+        f"(vm.max_map_count {maximum})")
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def test_first_step_loss_equals_diffusers_training_recipe(checkpoints, predictio
     config = finetune_config(folders[prediction_type], images)
     pipe = recipe.diffusion_components(config, tmp_path, None, None, None)
     scheduler = schedules.training_scheduler(pipe.scheduler, dict(config.diffusion.schedule))
-    objective = stages.make_objective(config, scheduler.config)
+    objective = stages.make_objective(config, scheduler)
     stage = stages.diffusion_stage(pipe, objective, latent_size=4, caption_dropout=0.0, train_text_encoder=False,
                                    cached_latents=True)
 

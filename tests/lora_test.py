@@ -287,7 +287,7 @@ def test_sample_py_applies_loras_at_their_scales(sd, tmp_path):
                         "--lora", f"{style}:0.7", "--lora", str(subject), "--out", str(out)]) == 0
     with Image.open(out / "00000.png") as image:
         drawn = np.asarray(image, np.float32) / 255
-        assert str(style) in image.text["lora"]
+        assert str(style) in str(json.loads(image.text["jdiff"])["lora"])
     both = jdiff.load_lora_weights(jdiff.load_lora_weights(pipe, style), subject)
     expected = jdiff.generate(both, PROMPTS[0], steps=2, seed=3, lora_scales={"default_0": 0.7, "default_1": 1.0})
     np.testing.assert_allclose(drawn, expected[0], atol=1.5 / 255)

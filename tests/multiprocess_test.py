@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from compile_flags import xla_flags
 
 from jdiff.app.shapes_tfds import load_shapes
 
@@ -21,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(tmp_path, name, processes: int, devices_per_process: int):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+def run_workers(tmp_path, name, processes: int, devices_per_process: int, straight: bool = False):
+    env = {**os.environ, "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices_per_process}"),
+           "STRAIGHT": "1" if straight else "0",
            "JAX_PLATFORMS": "cpu"}
     out = tmp_path / f"{name}.npz"
     args = [sys.executable, str(WORKER), str(tmp_path / name), str(tmp_path / "data"), str(out)]
@@ -42,7 +44,8 @@ def run_workers(tmp_path, name, processes: int, devices_per_process: int):
 @pytest.mark.slow
 def test_two_processes_train_save_restore_and_sample_like_one(tmp_path):
     load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)  # the tiny config's set, built once
-    one = run_workers(tmp_path, "one", processes=1, devices_per_process=4)
+    # The reference trains straight through; the two processes stop, save, restore and finish.
+    one = run_workers(tmp_path, "one", processes=1, devices_per_process=4, straight=True)
     two = run_workers(tmp_path, "two", processes=2, devices_per_process=2)
     assert int(one["devices"]) == int(two["devices"]) == 4 and int(two["processes"]) == 2
     assert set(one) == set(two)

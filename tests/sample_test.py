@@ -31,7 +31,7 @@ def test_prompts_file_batches_metadata_and_grid(model, tmp_path, capsys):
         ("a red circle", 5, None), ("a red circle", 6, None), ("circle", 42, "red"), ("circle", 43, "red")]
     assert meta[0]["sampler"] == "euler" and meta[0]["steps"] == 2
     with Image.open(out / "00000.png") as image:
-        assert image.size == (32, 32) and image.text["seed"] == "5"
+        assert image.size == (32, 32) and "Seed: 5, Size: 32x32" in image.text["parameters"]
     assert (out / "grid.png").is_file()
     printed = capsys.readouterr().out
     assert "compile" in printed and "images/s" in printed

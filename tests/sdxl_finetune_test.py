@@ -99,7 +99,7 @@ def test_time_ids_come_from_each_pictures_true_size_and_crop(sdxl):
     # Through the loader (and the latent cache, which keeps the fields) into the stage's batch.
     config = finetune_config(base, pictures)
     pipe = recipe.diffusion_components(config, None, None, None, None)
-    objective = stages.make_objective(config, pipe.scheduler.config)
+    objective = stages.make_objective(config, pipe.scheduler)
     latents = encode_source(stages.latent_encoder(pipe.vae, pipe.params["vae"]), source, batch_size=9,
                             show_progress=False)
     for cached, data in ((False, source), (True, latents)):
@@ -143,7 +143,7 @@ def test_first_step_loss_equals_diffusers_sdxl_training_recipe(sdxl):
     config = finetune_config(base, pictures)
     pipe = recipe.diffusion_components(config, None, None, None, None)
     scheduler = schedules.training_scheduler(pipe.scheduler, dict(config.diffusion.schedule))
-    objective = stages.make_objective(config, scheduler.config)
+    objective = stages.make_objective(config, scheduler)
     source = ImageFolder(pictures, RESOLUTION)
     picked = [1, 2, 4, 8]  # landscape, odd margins, tall, the sideways JPEG
     examples = [source[i] for i in picked]

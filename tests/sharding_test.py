@@ -73,7 +73,7 @@ def vae_config(**mesh_sizes):
     # the mid-block attention so that the tensor axis has heads to split.
     config.vae.update(block_out_channels=(32, 64), norm_num_groups=8, mid_block_add_attention=True)
     config.data.resolution = 16
-    config.vae_train.update(steps=20, log_every=1, checkpoint_every=4, warmup_steps=2, batch_size=8,
+    config.vae_train.update(steps=12, log_every=1, checkpoint_every=4, warmup_steps=2, batch_size=8,
                             learning_rate=1e-3, mesh={"data": 1, "fsdp": 1, "tensor": 1, **mesh_sizes})
     return config
 
@@ -96,7 +96,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory, data_dir):
-    """The unsharded 20-step run both tests compare with (the tests only read it)."""
+    """The unsharded 12-step run both tests compare with (the tests only read it)."""
     return vae_train(tmp_path_factory.mktemp("one_device"), data_dir, vae_config(), num_devices=1)
 
 

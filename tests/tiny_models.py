@@ -21,6 +21,26 @@ def write_tiny_tokenizer(folder):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
+def write_tiny_t5_tokenizer(folder):
+    """A SentencePiece-style unigram vocabulary of the shapes set's words (and single letters for
+    the rest), saved as T5TokenizerFast saves: tokenizer.json, as released SD3/Flux folders have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = ("a an the small large red green blue yellow purple orange teal circle square triangle at top "
+             "bottom left right center of and photo").split()
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+             + [(f"\u2581{w}", -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"])
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                     clip_sample=False, set_alpha_to_one=False)
 
@@ -120,12 +140,91 @@ def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10):
     return cls.from_pretrained(folder)
 
 
+def make_tiny_sd3_pipeline(folder, *, with_t5: bool = True, seed: int = 30):
+    """A StableDiffusion3Pipeline with random weights, shaped like SD3.5 in miniature: an MMDiT with
+    query/key RMS norms and one dual-attention block, CLIP-L-like and CLIP-G-like encoders with
+    projections (16 + 24 features, zero-padded to the joint width 48), a T5 of width 48 (or none,
+    with_t5=False), a 16-channel VAE with shift_factor, and flow matching with shift 3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel)
+
+    torch.manual_seed(seed)
+    tokenizer = write_tiny_tokenizer(folder / "_tokenizer_src")
+    src = folder / "_tokenizer_src"
+    tokenizer_2 = CLIPTokenizer(str(src / "vocab.json"), str(src / "merges.txt"), model_max_length=77, pad_token="!")
+    text_kw = dict(vocab_size=len(tokenizer), intermediate_size=37, num_attention_heads=4, max_position_embeddings=77,
+                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, projection_dim=16)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, num_hidden_layers=2, **text_kw))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, num_hidden_layers=3, hidden_act="gelu",
+                                                        **text_kw))
+    t5_tokenizer = write_tiny_t5_tokenizer(folder / "_t5_tokenizer_src") if with_t5 else None
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=6, feed_forward_proj="gated-gelu")) if with_t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=(0,))
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=16,
+                        norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    for i, (module, scale) in enumerate(((transformer, 1.0), (vae, 0.7), (text, 0.3), (text_2, 0.3), (t5, 0.5))):
+        if module is not None:
+            randomize_torch(module, scale=scale, seed=seed + i)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text,
+                                    tokenizer=tokenizer, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
+                                    text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(folder)  # without T5, diffusers leaves it out of model_index.json
+    return StableDiffusion3Pipeline.from_pretrained(folder, **({} if with_t5 else dict(text_encoder_3=None,
+                                                                                       tokenizer_3=None)))
+
+
+def make_tiny_flux_pipeline(folder, *, dev: bool = True, seed: int = 40):
+    """A FluxPipeline with random weights, shaped like Flux.1 in miniature: dev (guidance embedding,
+    dynamic shifting, with base and max token counts that make the tiny images' mu vary) or schnell
+    (neither); CLIP-L-like pooled encoder (16), T5 of width 24, a 4-channel VAE with shift_factor
+    (2x2 patches: 16 features per token)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_tiny_tokenizer(folder / "_tokenizer_src")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37,
+                                        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    t5_tokenizer = write_tiny_t5_tokenizer(folder / "_t5_tokenizer_src")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=24, d_kv=8, d_ff=40, num_layers=2,
+                                 num_heads=3, feed_forward_proj="gated-gelu"))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=dev, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    for i, (module, scale) in enumerate(((transformer, 1.0), (vae, 0.7), (text, 0.3), (t5, 0.5))):
+        randomize_torch(module, scale=scale, seed=seed + i)
+    if dev:  # Flux-dev's scheduler, with token counts scaled to tiny images
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=4, max_image_seq_len=64)
+    else:  # schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(folder)
+    return FluxPipeline.from_pretrained(folder)
+
+
 def write_random_lora(pipeline_folder, lora_folder, *, seed: int, unet_targets=("to_q", "to_k", "to_v", "to_out.0"),
                       text_targets=("q_proj", "v_proj"), rank: int = 4, alpha: float = 8, scale: float = 0.3,
                       rank_pattern=None, alpha_pattern=None):
     """A LoRA with random, non-zero weights (PEFT initialises up matrices to zero) for the diffusers
     pipeline in `pipeline_folder`, written by diffusers' own `save_lora_weights` with PEFT's metadata.
-    Text targets go into every text encoder the pipeline has."""
+    `unet_targets` go into the denoiser (U-Net or transformer), text targets into every CLIP text
+    encoder the pipeline has."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -133,14 +232,15 @@ def write_random_lora(pipeline_folder, lora_folder, *, seed: int, unet_targets=(
     pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
     generator = torch.Generator().manual_seed(seed)
     layers, metadata = {}, {}
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
-        targets = unet_targets if name == "unet" else text_targets
-        if model is None or not targets:
+        denoiser = name in ("unet", "transformer")
+        targets = unet_targets if denoiser else text_targets
+        if model is None or not targets or type(model).__name__ == "T5EncoderModel":  # diffusers adapts CLIPs only
             continue
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian",
-                            rank_pattern=dict(rank_pattern or {}) if name == "unet" else {},
-                            alpha_pattern=dict(alpha_pattern or {}) if name == "unet" else {})
+                            rank_pattern=dict(rank_pattern or {}) if denoiser else {},
+                            alpha_pattern=dict(alpha_pattern or {}) if denoiser else {})
         model.add_adapter(config)
         with torch.no_grad():
             for key, param in model.named_parameters():

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 import jdiff
+from compile_flags import xla_flags
 from configs import tiny
 from jdiff import train_lib
 from jdiff.app import recipe, shapes_eval, stages
@@ -110,7 +111,7 @@ def diffusion_run(tmp_path, name, data_dir, cached: bool):
     tokenizer = write_caption_tokenizer(tmp_path / f"{name}_tokenizer", [source[i]["caption"].decode() for i in range(64)],
                                         config.text.max_length)
     pipe = families.build(config, tokenizer=tokenizer, vae=(vae, vae_params))
-    objective = stages.make_objective(config, pipe.scheduler.config)
+    objective = stages.make_objective(config, pipe.scheduler)
     stage = stages.diffusion_stage(pipe, objective, latent_size=16, caption_dropout=config.data.caption_dropout,
                                    cached_latents=cached)
     if cached:
@@ -192,7 +193,7 @@ def test_killed_during_an_asynchronous_save_resumes_from_the_last_complete_check
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
                "--workdir", str(workdir), "--config.stages=vae", "--config.vae_train.steps=100000",
                "--config.vae_train.checkpoint_every=1", "--config.vae_train.log_every=1000"]
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workdir / "vae" / "checkpoints"
     try:

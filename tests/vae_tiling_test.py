@@ -1,5 +1,6 @@
 """Tiled VAE encode and decode against diffusers' `enable_tiling()` on the same random weights."""
 
+import json
 import jax
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_sample_py_tiles_when_asked(tiny, tmp_path):
                         "--height", "48", "--width", "64", "--vae-tiling", "--batch-size", "1", "--out", str(out)]) == 0
     with Image.open(out / "00000.png") as image:
         drawn = np.asarray(image, np.float32) / 255
-        assert image.text["vae_tiling"] == "True"
+        assert json.loads(image.text["jdiff"])["vae_tiling"] is True
     expected = jdiff.generate(pipe, PROMPTS[0], steps=2, seed=3, height=48, width=64, vae_tiling=True)
     np.testing.assert_allclose(drawn, expected[0], atol=1.5 / 255)
     assert sample.main(["--model", str(folder), "--prompt", "a", "--vae-tiling", "12"]) == 2

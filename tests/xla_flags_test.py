@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compile_flags import BASE_FLAGS
 from jdiff.app import xla_flags
 
 
@@ -54,8 +55,9 @@ def test_training_flags_give_the_default_kernels_results():
     must agree between the two."""
     script = _GRADIENT_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]))
     results = {}
-    train_flags = xla_flags.with_flags("", *xla_flags.TRAINING)
-    for name, flags in (("default", ""), ("training", train_flags)):
+    base = " ".join(BASE_FLAGS)
+    train_flags = xla_flags.with_flags(base, *xla_flags.TRAINING)
+    for name, flags in (("default", base), ("training", train_flags)):
         env = dict(os.environ, XLA_FLAGS=flags)
         out = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jdiff import convert, distributed, families, schedules, sharding, train_lib
+from jdiff import convert, distributed, families, samplers, schedules, sharding, train_lib
 from jdiff.app import dreambooth, shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app.shapes_tfds import load_shapes
@@ -114,6 +114,8 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
     scheduler = schedules.training_scheduler(base.scheduler, dict(config.diffusion.schedule),
                                              config.diffusion.change_prediction_type)
     base = base.replace(scheduler=scheduler)
+    # the evaluation samples with config.sample.sampler: refuse a misfit now, not after training
+    samplers.check_sampler(config.sample.sampler, scheduler.class_name)
     lora = lora_spec(config, base)
     if dreambooth.enabled(config):  # the instance prompt, and the class pictures the base model draws first
         train_source = dreambooth.training_source(config, workdir, base, train_source)
@@ -123,19 +125,21 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
             return base.replace(adapters={"lora": lora_training.with_alpha(params["lora"], lora.alpha)})
         return base.replace(params={**base.params, **params}, source=str(workdir / "pipeline"))
 
+    size = config.data.resolution  # samples at the trained size
+
     def evaluate(params, step):
         from jdiff.pipeline import generate
         from jdiff import image_io
 
         s = config.sample
         images = generate(pipeline_from(params), test_captions[:s.num_prompts], sampler=s.sampler, steps=s.steps,
-                          guidance=s.guidance, seed=0)
+                          guidance=s.guidance, seed=0, height=size, width=size)
         return {"samples": image_io.image_grid(images, columns=4)}
 
     cache, cache_text = config.data.cache_latents, config.data.get("cache_text_embeddings", False)
     cache = cache and not dreambooth.enabled(config)  # pairs of pictures: encoded at every step (a few pictures)
     vae, vae_params = base.vae, base.params["vae"]
-    stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler.config),
+    stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler),
                                    latent_size=config.data.resolution // vae.config.downscale,
                                    caption_dropout=config.data.caption_dropout,
                                    # LoRA freezes every pretrained weight; text encoders get adapters instead
@@ -173,8 +177,9 @@ def lora_spec(config, pipe: Pipeline) -> lora_training.LoraSpec | None:
     if section.rank < 0 or section.alpha < 0:
         raise ConfigError(f"config.lora.rank and alpha must not be negative, got {section.rank} and {section.alpha}.")
     targets = {pipe.family.denoiser_name: tuple(section.unet_targets)}
-    targets.update({name: tuple(section.text_encoder_targets) for name in pipe.family.text_encoder_names
-                    if name in pipe.params})
+    family = pipe.family
+    adapted = family.text_encoder_names if family.lora_text_encoders is None else family.lora_text_encoders
+    targets.update({name: tuple(section.text_encoder_targets) for name in adapted if name in pipe.params})
     return lora_training.LoraSpec(int(section.rank), float(section.alpha or section.rank), targets)
 
 
@@ -215,7 +220,9 @@ def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> d
 
     s = config.sample
     captions = _examples(test_source, s.num_prompts)[1] if test_source is not None else ["a picture"] * s.num_prompts
-    images = generate(pipe, captions, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
+    size = config.data.resolution  # the trained size (a checkpoint's default may be far larger: Flux's 1024)
+    images = generate(pipe, captions, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0,
+                      height=size, width=size)
     if distributed.is_main():
         (workdir / "samples").mkdir(exist_ok=True)
         image_io.save_png(workdir / "samples" / "grid.png", image_io.image_grid(images, columns=4),

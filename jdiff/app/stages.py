@@ -10,7 +10,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from jdiff import families, losses
+from jdiff import families, losses, schedules
 from jdiff.batching import map_batches
 from jdiff.errors import ConfigError
 from jdiff.data.prior_preservation import merge_pairs
@@ -101,11 +101,19 @@ def diffusion_ready_vae(module: AutoencoderKL, params, images: np.ndarray, laten
 # --- the diffusion model ------------------------------------------------------------------------
 
 
-def make_objective(config, schedule) -> losses.Objective:
-    """The training objective of config.diffusion on `schedule` (a SchedulerConfig)."""
+def make_objective(config, scheduler: schedules.Scheduler) -> losses.Objective:
+    """The training objective of config.diffusion on the model's scheduler (rectified flow or a
+    noise schedule, by its class)."""
     d = config.diffusion
-    return losses.Objective(schedule, min_snr_gamma=d.min_snr_gamma, timestep_sampling=d.timestep_sampling,
-                            logit_mean=d.logit_mean, logit_std=d.logit_std, noise_offset=d.noise_offset)
+    flow, weighting = schedules.is_flow(scheduler.class_name), d.get("flow_weighting", "none")
+    # Unset: SD3's logit-normal for flow, unless a loss weighting is asked for (diffusers' one
+    # --weighting_scheme then draws uniformly); uniform for noise schedules.
+    sampling = d.get("timestep_sampling") or ("logit_normal" if flow and weighting == "none" else "uniform")
+    return losses.Objective(scheduler.config, min_snr_gamma=d.min_snr_gamma, timestep_sampling=sampling,
+                            logit_mean=d.logit_mean, logit_std=d.logit_std, mode_scale=d.get("mode_scale", 1.29),
+                            noise_offset=d.noise_offset, flow=flow, flow_weighting=weighting,
+                            precondition_outputs=d.get("precondition_outputs", False),
+                            guidance=d.get("guidance_scale", 3.5) if flow else None)
 
 
 def latent_encoder(vae: AutoencoderKL, vae_params):
@@ -183,8 +191,11 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     the class half's mean, as diffusers' DreamBooth scripts compute it.
     """
     family, modules, vae = pipe.family, pipe.modules, pipe.vae
-    if train_text_encoder and not family.trains_text_encoders:
-        raise ConfigError(f"the {family.name} family's text encoders ({', '.join(family.text_encoder_names)}) "
+    text_encoders = tuple(n for n in family.text_encoder_names if n in modules)  # SD3 may have no T5
+    trainable = family.text_encoder_names if family.trainable_text_encoders is None else family.trainable_text_encoders
+    trainable_text = tuple(n for n in trainable if n in modules)
+    if train_text_encoder and not trainable_text:
+        raise ConfigError(f"the {family.name} family's text encoders ({', '.join(text_encoders)}) "
                           f"stay frozen in training: set --config.diffusion.train_text_encoder=False.")
     if train_text_encoder and cached_conditioning:
         raise ConfigError("data.cache_text_embeddings needs frozen text encoders: set "
@@ -196,16 +207,16 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         if train_text_encoder:
             raise ConfigError("LoRA training keeps every pretrained weight frozen: set "
                               "--config.diffusion.train_text_encoder=False (adapt text encoders with lora.text_encoder_targets).")
-        if cached_conditioning and any(lora.targets.get(n) for n in family.text_encoder_names):
+        if cached_conditioning and any(lora.targets.get(n) for n in text_encoders):
             raise ConfigError("data.cache_text_embeddings cannot be used with LoRA on a text encoder: its "
                               "conditioning changes as it trains.")
-        missing = [n for n in (family.denoiser_name,) + family.text_encoder_names if n not in pipe.params]
+        missing = [n for n in (family.denoiser_name,) + text_encoders if n not in pipe.params]
         if missing:
             raise ConfigError(f"LoRA training adapts a pretrained model; {', '.join(missing)} have no weights: "
                               f"set config.pretrained.")
     trained = () if lora is not None else (
-        (family.denoiser_name,) + (family.text_encoder_names if train_text_encoder else ()))
-    frozen_text = [n for n in family.text_encoder_names if n not in trained and n not in pipe.params]
+        (family.denoiser_name,) + (trainable_text if train_text_encoder else ()))
+    frozen_text = [n for n in text_encoders if n not in trained and n not in pipe.params]
     if frozen_text:
         raise ConfigError(f"train_text_encoder=False needs pretrained text encoders ({', '.join(frozen_text)}): "
                           f"set config.pretrained.")
@@ -241,7 +252,7 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         else:
             tokens = drop_captions(dropped, batch["dropped_tokens"], batch["tokens"])
             cond = family.encode_prompts(models, all_params, tokens)
-        model_fn = family.denoiser(models, all_params)
+        model_fn = family.denoiser(models, all_params, objective.guidance)
         loss, per_example = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
         if prior_loss_weight is None:
             return loss, {}
@@ -266,14 +277,13 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
             return {k: batch[k] for k in inputs}
         return {**{k: batch[k] for k in inputs}, **conditioning_inputs(pipe, batch, size, empty_tokens)}
 
-    frozen = {} if cached_conditioning else {n: pipe.params[n] for n in family.text_encoder_names
-                                             if n not in trained}
+    frozen = {} if cached_conditioning else {n: pipe.params[n] for n in text_encoders if n not in trained}
     if lora is not None:
         frozen[family.denoiser_name] = pipe.params[family.denoiser_name]
     if not cached_latents:
         frozen["vae"] = pipe.params["vae"]
     meta = {n: m.config.to_dict() for n, m in modules.items()}
-    meta.update(objective=dataclasses.asdict(objective), trained=list(trained), **(model_meta or {}))
+    meta.update(objective=losses.objective_record(objective), trained=list(trained), **(model_meta or {}))
     if prior_loss_weight is not None:
         meta["prior_loss_weight"] = prior_loss_weight
     if lora is not None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jdiff.errors import CheckpointError, ConfigError
-from jdiff.families import stable_diffusion, stable_diffusion_xl
+from jdiff.families import flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl
 from jdiff.families.base import Family, Pipeline
 
-FAMILIES = {f.name: f for f in (stable_diffusion.FAMILY, stable_diffusion_xl.FAMILY)}
+FAMILIES = {f.name: f for f in (stable_diffusion.FAMILY, stable_diffusion_xl.FAMILY, stable_diffusion_3.FAMILY,
+                                 flux.FAMILY)}
 
 
 def family_for_pipeline_class(class_name: str) -> Family:

@@ -9,7 +9,15 @@ these functions and never asks which family it holds.
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from jdiff.errors import CheckpointError
 from jdiff.schedules import Scheduler
+
+
+def require_components(folder, names, kind: str) -> None:
+    """A CheckpointError naming the component folders of `names` that `folder` lacks."""
+    missing = [name for name in names if not (folder / name).is_dir()]
+    if missing:
+        raise CheckpointError(f"{str(folder)!r} is not {kind}: it lacks {', '.join(m + '/' for m in missing)}.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # one object per family: hashed by identity (a jit key)
@@ -24,6 +32,7 @@ class Family:
       where given).
     tokenize(pipe, prompts, warn=True) -> dict of int32 [B, L] numpy arrays (the traced inputs of
       encode_prompts); warn: say which words a too-long prompt loses (generation, not training).
+      Families with `long_prompts` (a T5 encoder) also take `max_sequence_length`.
     encode_prompts(modules, params, tokens, clip_skip) -> conditioning pytree, batch-major.
     denoiser(modules, params, guidance) -> model_fn(x, t, conditioning, extra_channels=None): one
       call of the denoiser in the scheduler's prediction type; `guidance` reaches it only where
@@ -40,10 +49,17 @@ class Family:
       numpy arrays [B, ...] merged into the captions' tokens, and into the empty prompt's tokens
       where training drops a caption, made from each training example's own fields (SDXL: time ids
       from "original_size" and "crop_top_left"). None: the conditioning is the text alone.
-    trains_text_encoders: False when training may not update the text encoders (they stay frozen).
+    trainable_text_encoders: the text encoders training may update (train_text_encoder=True);
+      None: all of them, (): none (they stay frozen).
+    lora_text_encoders: the text encoders LoRA adapts (config.lora.text_encoder_targets), as
+      diffusers' LoRA loaders do; None: all of them (SD3 and Flux: the CLIPs, never T5).
     kohya_prefixes: {component: prefix} of kohya-format LoRA keys (`lora_unet`, `lora_te`, ...).
     kohya_sgm_unet: kohya's files name this family's U-Net layers as the original LDM/SGM U-Net
       does (`input_blocks_4_1_...`, SDXL) rather than as diffusers does (SD 1.x/2.x).
+    levels_options(pipe, num_steps, height, width) -> dict: what the family's diffusers pipeline
+      passes to its scheduler's set_timesteps besides the step count (flow models: the dynamic
+      shift `mu` for the image's token count, Flux's own sigma list). None: nothing.
+    default_latent_size: the latent side when the denoiser's config has no sample_size (Flux).
     """
 
     name: str
@@ -61,11 +77,15 @@ class Family:
     init_params: Callable
     extra_conditioning: Callable = None
     training_conditioning: Callable = None
-    trains_text_encoders: bool = True
+    trainable_text_encoders: tuple[str, ...] | None = None
+    lora_text_encoders: tuple[str, ...] | None = None
     default_guidance: float = 7.5  # diffusers' guidance_scale default for the family's pipelines
     kohya_prefixes: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"unet": "lora_unet", "text_encoder": "lora_te"})
     kohya_sgm_unet: bool = False
+    levels_options: Callable = None
+    default_latent_size: int = 64  # diffusers' pipelines' fallback
+    long_prompts: bool = False  # a T5 encoder whose token count generate(max_sequence_length=) sets
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,7 +130,8 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        return (self.denoiser_module.config.sample_size or 64) * self.vae_scale_factor
+        size = getattr(self.denoiser_module.config, "sample_size", None) or self.family.default_latent_size
+        return size * self.vae_scale_factor
 
     @property
     def default_steps(self) -> int:

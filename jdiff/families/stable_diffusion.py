@@ -68,10 +68,15 @@ def vae_config(config) -> VAEConfig:
 
 
 def text_config(config, tokenizer) -> CLIPTextConfig:
-    t = config.text
+    return clip_config(config.text, tokenizer)
+
+
+def clip_config(t, tokenizer, max_length: int | None = None) -> CLIPTextConfig:
+    """A CLIP text encoder of a run config's text section on the caption tokenizer's vocabulary,
+    max_length tokens long (default: the section's max_length)."""
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                           num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                          max_position_embeddings=t.max_length, bos_token_id=tokenizer.bos_token_id,
+                          max_position_embeddings=max_length or t.max_length, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           projection_dim=t.hidden_size)
 
@@ -134,15 +139,16 @@ def init_params(modules, names, rng, latent_shape) -> dict:
 # --- conditioning and the denoiser (traced) --------------------------------------------------------
 
 
-def tokenize(pipe: Pipeline, prompts, warn: bool = True) -> dict:
-    """{"ids": int32 [B, max_length]}, truncated with a warning naming the cut words, as diffusers does."""
+def tokenize(pipe: Pipeline, prompts, warn: bool = True, max_length: int = None) -> dict:
+    """{"ids": int32 [B, max_length]}, truncated with a warning naming the cut words, as diffusers does.
+    max_length: the tokenizer's own length by default."""
     tokenizer = pipe.tokenizer
     prompts = [str(p) for p in prompts]
-    max_length = tokenizer.model_max_length
+    max_length = max_length or tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np").input_ids
     if warn:
-        full = tokenizer(prompts, padding="longest", truncation=False).input_ids
+        full = tokenizer(prompts, padding=False, truncation=False).input_ids  # unpadded: true lengths
         for prompt, tokens in zip(prompts, full):
             if len(tokens) > max_length:
                 removed = tokenizer.decode(tokens[max_length - 1:-1])

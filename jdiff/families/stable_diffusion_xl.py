@@ -15,7 +15,7 @@ import numpy as np
 from jdiff import convert
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import stable_diffusion
-from jdiff.families.base import Family, Pipeline
+from jdiff.families.base import Family, Pipeline, require_components
 from jdiff.schedules import read_scheduler_config, write_scheduler_config
 
 # The pairs of (tokenizer, text encoder) in the order their hidden states are concatenated.
@@ -31,18 +31,11 @@ MICRO_CONDITIONING = {"original_size": None, "crops_coords_top_left": (0, 0), "t
 
 
 def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
-    missing = [name for name in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
-               if not (folder / name).is_dir()]
-    if missing:
-        raise CheckpointError(f"{str(folder)!r} is not an SDXL checkpoint: it lacks "
-                              f"{', '.join(m + '/' for m in missing)}.")
+    require_components(folder, ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"), "an SDXL checkpoint")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     modules, params, tokenizers = {}, {}, {}
     modules["unet"], params["unet"] = convert.load_unet(folder / "unet", **kw)
-    vae_config = convert.read_json(folder / "vae" / "config.json")
-    # force_upcast: the VAE overflows in float16/bfloat16, so it computes in float32 whatever `dtype` says.
-    vae_dtype = jnp.float32 if vae_config.get("force_upcast", True) else dtype
-    modules["vae"], params["vae"] = convert.load_vae(folder / "vae", dtype=vae_dtype, param_dtype=param_dtype)
+    modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw)
     for tokenizer_name, encoder_name in ENCODERS:
         listed = index.get(encoder_name)
         if encoder_name == "text_encoder" and (listed is not None and listed[0] is None
@@ -255,5 +248,5 @@ FAMILY = Family(
     inpainting_channels=stable_diffusion.inpainting_channels, init_params=init_params,
     extra_conditioning=extra_conditioning, default_guidance=5.0,
     # Both encoders stay frozen in training (as in diffusers' SDXL script): training them is untested here.
-    training_conditioning=training_conditioning, trains_text_encoders=False,
+    training_conditioning=training_conditioning, trainable_text_encoders=(),
     kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, kohya_sgm_unet=True)

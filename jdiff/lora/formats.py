@@ -1,7 +1,7 @@
 """LoRA files: reading the common formats into adapter trees, and writing them back.
 
-Read: diffusers/PEFT (`unet.<layer>.lora_A.weight`, `lora_B`, ranks and alphas in the
-`lora_adapter_metadata` header), diffusers' older spellings (`.lora.down.weight`,
+Read: diffusers/PEFT (`unet.<layer>.lora_A.weight`, `transformer.<layer>...` for SD3 and Flux,
+`lora_B`, ranks and alphas in the `lora_adapter_metadata` header), diffusers' older spellings (`.lora.down.weight`,
 `processor.to_q_lora.down.weight`, `<layer>.alpha`), and kohya / A1111 (`lora_unet_<layer>.lora_down.weight`,
 `lora_up`, `.alpha`, text encoders as `lora_te_`, `lora_te1_`, `lora_te2_`), LoCon convolutions
 included. Every key must land on a layer of the pipeline: the rest is an error listing them.
@@ -23,7 +23,7 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                     "lora_te2": "text_encoder_2"}
 _KOHYA = re.compile(r"(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
-_DIFFUSERS = re.compile(r"(?:(unet|text_encoder_2|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
+_DIFFUSERS = re.compile(r"(?:(unet|transformer|text_encoder_[23]|text_encoder)\.)?(.+?)\.(lora_A\.weight|lora_B\.weight|"
                         r"lora\.down\.weight|lora\.up\.weight|lora_linear_layer\.down\.weight|"
                         r"lora_linear_layer\.up\.weight|alpha)")
 # diffusers' attention-processor LoRA of 2023: attn1.processor.to_q_lora.down.weight, and the text

@@ -101,6 +101,23 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, fr
     return emb
 
 
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding; `cond_proj` adds a guidance-scale embedding (LCM)."""
+
+    features: int
+    act_fn: str
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, emb: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if cond is not None:
+            emb = emb + dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(cond)
+        emb = dense(self.features, name="linear_1", **kw)(emb)
+        return dense(self.features, name="linear_2", **kw)(activation(self.act_fn)(emb))
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-act-conv twice, with an optional time embedding added (or scale-shifted) between."""
 

@@ -222,23 +222,6 @@ def example_inputs(config: UNetConfig, num_time_ids: int = 1) -> tuple:
     return args if args[-1] is not None else args[:-1]
 
 
-class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding; `cond_proj` adds a guidance-scale embedding (LCM)."""
-
-    features: int
-    act_fn: str
-    dtype: Dtype
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, emb: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if cond is not None:
-            emb = emb + layers.dense(emb.shape[-1], name="cond_proj", use_bias=False, **kw)(cond)
-        emb = layers.dense(self.features, name="linear_1", **kw)(emb)
-        return layers.dense(self.features, name="linear_2", **kw)(layers.activation(self.act_fn)(emb))
-
-
 # The architectural fields of the released SDXL `unet/config.json` files (the rest are diffusers'
 # defaults), as data: `UNetConfig.from_dict(SDXL_BASE)`, or diffusers' `UNet2DConditionModel(**SDXL_BASE)`.
 SDXL_BASE = dict(  # stabilityai/stable-diffusion-xl-base-1.0: 2.57B parameters
@@ -497,13 +480,14 @@ class UNet2DConditionModel(nn.Module):
 
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         temb = layers.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
-        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding", **kw)(temb, timestep_cond)
+        time_embedding = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding", **kw)
+        temb = time_embedding(temb, timestep_cond)
         if cfg.addition_embed_type == "text":
             temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
                                             name="add_embedding", **kw)(context.astype(self.dtype))
         elif cfg.addition_embed_type == "text_time":
             # diffusers builds add_embedding with its default SiLU, whatever the config's act_fn.
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", **kw)(
+            temb = temb + layers.TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", **kw)(
                 text_time_input(cfg, added_cond).astype(self.dtype))
 
         if cfg.center_input_sample:

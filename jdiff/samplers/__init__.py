@@ -31,7 +31,7 @@ from jdiff.samplers.lms import LMS
 from jdiff.samplers.pndm import PNDM
 from jdiff.samplers.unipc import UNIPC
 from jdiff.samplers.vp import DDIM, DDPM, LCM
-from jdiff.schedules import SchedulerConfig
+from jdiff.schedules import SchedulerConfig, is_flow
 
 REGISTRY = {s.name: s for s in (DDIM, DDPM, EULER, EULER_ANCESTRAL, DPM_2M, DPM_2M_KARRAS, DPM_2M_SDE,
                                  DPM_2M_SDE_KARRAS, DPM_SINGLE, UNIPC, PNDM, LMS, HEUN, LCM, FLOW_EULER)}
@@ -44,8 +44,17 @@ def get(name: str) -> Sampler:
     return REGISTRY[name]
 
 
-def check_sampler(name: str) -> None:
-    get(name)
+def check_sampler(name: str, scheduler_class: str | None = None) -> None:
+    """A known sampler, and with `scheduler_class` (the checkpoint's) one that solves the same kind
+    of process: a flow-matching model (SD3, Flux) needs a flow sampler, a noise-schedule model
+    (SD 1.x/2.x, SDXL) one of the others."""
+    sampler = get(name)
+    if scheduler_class is None or is_flow(sampler.scheduler_class) == is_flow(scheduler_class):
+        return
+    fitting = [s.name for s in REGISTRY.values() if is_flow(s.scheduler_class) == is_flow(scheduler_class)]
+    kind = "a rectified-flow" if is_flow(scheduler_class) else "a noise-schedule (not rectified-flow)"
+    raise ConfigError(f"sampler {name!r} does not fit this checkpoint: its scheduler {scheduler_class} is "
+                      f"{kind} scheduler; use one of {', '.join(fitting)}.")
 
 
 def sampler_config(name: str, config: SchedulerConfig, explicit: frozenset = frozenset()) -> SchedulerConfig:
@@ -57,7 +66,8 @@ def sampler_config(name: str, config: SchedulerConfig, explicit: frozenset = fro
 
 
 def make_plan(name: str, config: SchedulerConfig, num_steps: int, strength: float = 1.0, eta: float = 0.0,
-              explicit: frozenset | None = None, denoising_start=None, denoising_end=None) -> Plan:
+              explicit: frozenset | None = None, denoising_start=None, denoising_end=None,
+              levels_options=None) -> Plan:
     """The schedule of sampler `name` for `num_steps` steps, as numpy arrays of a fixed length.
 
     `config`: the checkpoint's scheduler settings; with `explicit` (the fields its file sets) they
@@ -69,7 +79,7 @@ def make_plan(name: str, config: SchedulerConfig, num_steps: int, strength: floa
     sampler = get(name)
     config = config.for_sampler(sampler.class_defaults, explicit) if explicit is not None else config
     return build_plan(sampler, config.for_sampler(sampler.forced, frozenset()), num_steps, strength, eta,
-                      denoising_start, denoising_end)
+                      denoising_start, denoising_end, levels_options)
 
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import struct
 
 from jdiff.errors import ConfigError
-from jdiff.schedules import SchedulerConfig
+from jdiff.schedules import SchedulerConfig, is_flow
 
 
 @struct.dataclass
@@ -44,7 +44,8 @@ class Plan:
 class Sampler:
     """One sampler: how its plan is made on the host and how one step runs (traced).
 
-    levels(config, n) -> (arrays, init_noise_sigma): the rule's per-step arrays for n steps, numpy.
+    levels(config, n, **options) -> (arrays, init_noise_sigma): the rule's per-step arrays for n
+      steps, numpy; options: what a pipeline passes to set_timesteps (flow: `mu`, `sigmas`).
     step(model_fn, x, i, plan, state, keys) -> (x, state): step i; `state` carries what multistep
       rules remember between steps (a pytree made by `init_state(x)`).
     add_noise(x0, noise, plan, i): x0 noised to the level of step i (image-to-image, inpainting).
@@ -65,11 +66,16 @@ class Sampler:
     description: str = ""
 
 
-def img2img_start(num_steps: int, strength: float) -> int:
-    """diffusers' `get_timesteps`: strength s runs the last int(N * s) of the N steps."""
+def img2img_start(num_steps: int, strength: float, flow: bool = False) -> int:
+    """diffusers' `get_timesteps`: strength s runs the last int(N * s) of the N steps. The
+    rectified-flow pipelines (SD3, Flux) skip int(N - N * s) steps instead, which runs one more step
+    when N * s is not whole."""
     if not 0.0 < strength <= 1.0:
         raise ConfigError(f"strength must be in (0, 1], got {strength}.")
-    start = num_steps - min(int(num_steps * strength), num_steps)
+    if flow:
+        start = int(max(num_steps - min(num_steps * strength, num_steps), 0))
+    else:
+        start = num_steps - min(int(num_steps * strength), num_steps)
     if start >= num_steps:
         raise ConfigError(f"strength {strength} with {num_steps} steps leaves no step to run; "
                           f"raise the strength or the step count.")
@@ -109,17 +115,19 @@ def handoff_range(sampler: Sampler, timesteps: np.ndarray, t_count: int, start: 
 
 
 def build_plan(sampler: Sampler, config: SchedulerConfig, num_steps: int, strength: float = 1.0,
-               eta: float = 0.0, denoising_start=None, denoising_end=None) -> Plan:
+               eta: float = 0.0, denoising_start=None, denoising_end=None, levels_options=None) -> Plan:
     """The plan of `sampler` for `num_steps` steps; `config` as the sampler's class reads it.
 
     strength < 1 starts part-way (image-to-image); denoising_start / denoising_end in (0, 1) start
     or stop at a fraction of the noise levels instead (the base/refiner hand-off, `handoff_range`).
+    levels_options: what a family's pipeline passes to the scheduler's set_timesteps besides the
+    step count (the flow samplers' `mu` and `sigmas`).
     """
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= config.num_train_timesteps:
         raise ConfigError(f"steps must be an integer in 1..{config.num_train_timesteps}, got {num_steps!r}.")
-    start = img2img_start(num_steps, strength) if denoising_start is None else 0
+    start = img2img_start(num_steps, strength, is_flow(sampler.scheduler_class)) if denoising_start is None else 0
     config = config.as_read_by(sampler.scheduler_class)
-    arrays, init = sampler.levels(config, int(num_steps))
+    arrays, init = sampler.levels(config, int(num_steps), **(levels_options or {}))
     length = config.num_train_timesteps + 1
 
     def pad(v):
