@@ -35,7 +35,7 @@ xla_flags.use_cpu_flags(remat=False)  # as train.py does, before any backend sta
 
 from report import write_report  # noqa: E402
 
-from configs.default import get_config  # noqa: E402
+from jdiff.configs.default import get_config  # noqa: E402
 from jdiff import image_io, load_lora_weights, load_pipeline  # noqa: E402
 from jdiff.app import recipe, shapes, shapes_eval  # noqa: E402
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,13 +80,26 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a component folder: sharded (with an index) or single."""
-    indices = sorted(folder.glob("*.safetensors.index.json"))
+def _weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of a component folder: sharded (with an index) or single. With a
+    `variant` (diffusers' `variant="fp16"`), its files where the folder has them: `*.fp16.safetensors`
+    or `*.safetensors.index.fp16.json`; otherwise the files that name no variant."""
+    def is_variant(name: str) -> bool:  # model.fp16.safetensors, model-00001-of-00002.fp16.safetensors
+        return len(name.removesuffix(".safetensors").split(".")) > 1
+
+    indices = sorted(folder.glob(f"*.safetensors.index.{variant}.json")) if variant else []
+    files = sorted(folder.glob(f"*.{variant}.safetensors")) if variant else []
+    if variant and not indices and not files:
+        # As diffusers: a component without the variant loads its default files (the pipeline
+        # checks that some component has it).
+        warnings.warn(f"{str(folder)!r} has no {variant!r} weights (*.{variant}.safetensors); loading its default files.")
+    if not indices and not files:
+        indices = sorted(folder.glob("*.safetensors.index.json"))
+        files = sorted(folder.glob("*.safetensors"))
+        files = [f for f in files if not is_variant(f.name)] or files  # a download of one variant only loads it
     if indices:
         weight_map = read_json(indices[0]).get("weight_map", {})
         return sorted({folder / name for name in weight_map.values()})
-    files = sorted(folder.glob("*.safetensors"))
     plain = [f for f in files if f.name in ("diffusion_pytorch_model.safetensors", "model.safetensors")]
     if plain or len(files) == 1:
         return plain or files
@@ -115,9 +129,9 @@ def _modern_key(key: str) -> str:
     return f"{m[1]}{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key
 
 
-def read_state_dict(folder) -> dict[str, np.ndarray]:
+def read_state_dict(folder, variant: str | None = None) -> dict[str, np.ndarray]:
     state = {}
-    for path in _weight_files(_require_folder(folder)):
+    for path in _weight_files(_require_folder(folder), variant):
         if not path.is_file():
             raise CheckpointError(f"weight file {str(path)!r} (named in the index) is missing.")
         try:
@@ -214,7 +228,8 @@ def _class_name(raw: dict) -> str:
     return raw.get("_class_name") or (raw.get("architectures") or [""])[0]
 
 
-def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
+                   **options):
     folder = _require_folder(folder)
     source = str(folder / "config.json")
     raw = read_json(folder / "config.json")
@@ -224,7 +239,7 @@ def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jn
     config = kind.parse_config(raw, source)
     module = kind.build(config, dtype=dtype, param_dtype=param_dtype, **options)
     shapes = param_shapes(kind, module)
-    state = kind.canonical_keys(read_state_dict(folder))
+    state = kind.canonical_keys(read_state_dict(folder, variant))
     for key, expected in kind.buffers(config).items():
         stored = state.pop(key, None)
         # Released files store it in float16 or bfloat16 (rounding up to ~1e-2); another config's
@@ -350,43 +365,43 @@ def _t5_encoder() -> Component:
 # Public entry points. Each `load_*` returns (module, params); `save_*` writes the same format.
 
 
-def load_unet(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_unet(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """U-Net from a diffusers `unet/` folder. options: e.g. `gradient_checkpointing=True`."""
-    return load_component(_unet(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_unet(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_vae(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_vae(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """AutoencoderKL from a diffusers `vae/` folder."""
-    return load_component(_vae(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_vae(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_text_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_text_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """CLIP text transformer from a transformers `text_encoder/` folder."""
-    return load_component(_text_encoder(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_text_encoder(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_sd3_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_sd3_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """SD3/SD3.5 MMDiT from a diffusers `transformer/` folder. options: `gradient_checkpointing=True`."""
-    return load_component(_sd3_transformer(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_sd3_transformer(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_flux_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_flux_transformer(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """Flux.1 transformer from a diffusers `transformer/` folder. options: `gradient_checkpointing=True`."""
-    return load_component(_flux_transformer(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_flux_transformer(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_t5_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+def load_t5_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
     """T5 encoder from a transformers `T5EncoderModel` folder (SD3's `text_encoder_3/`, Flux's
     `text_encoder_2/`), single or sharded safetensors."""
-    return load_component(_t5_encoder(), folder, dtype=dtype, param_dtype=param_dtype, **options)
+    return load_component(_t5_encoder(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32):
+def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None):
     """AutoencoderKL as the SDXL, SD3 and Flux pipelines run it: where its config says
     `force_upcast` (the VAE overflows in float16/bfloat16) it computes in float32 whatever `dtype`
     says."""
     force_upcast = read_json(Path(folder) / "config.json").get("force_upcast", True)
-    return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype)
+    return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype, variant=variant)
 
 
 def save_unet(module, params, folder) -> None:

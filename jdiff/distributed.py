@@ -12,6 +12,7 @@ processes on one machine) collectives between processes go through gloo.
 import os
 
 import jax
+import numpy as np
 
 from jdiff.errors import ConfigError
 
@@ -69,6 +70,16 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def from_main(values):
+    """Process 0's `values` (an integer array) on every process: for a decision that one process
+    makes from shared files and all must follow."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))
 
 
 def main_first(name: str, fn):

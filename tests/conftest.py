@@ -27,10 +27,15 @@ torch.set_num_threads(2)
 # which JAX's in-memory cache cannot match); the persistent cache matches them by their program.
 # A fresh folder per session, so nothing carries over between runs. (At LLVM level 0, writing an
 # entry crashed XLA:CPU; see compile_flags.py. At the default level it never has.)
-_COMPILE_CACHE = tempfile.mkdtemp(prefix="jdiff-test-compile-cache-")
+# Under pytest-xdist the controlling process makes the folder before it starts the workers, which
+# inherit it through the environment: workers share programs, and only the controller removes it.
+if "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("JDIFF_TEST_COMPILE_CACHE"):
+    _COMPILE_CACHE = os.environ["JDIFF_TEST_COMPILE_CACHE"]
+else:
+    _COMPILE_CACHE = tempfile.mkdtemp(prefix="jdiff-test-compile-cache-")
+    atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+    os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for workers and the subprocesses tests start
 enable_compilation_cache(_COMPILE_CACHE)
-atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-os.environ["JDIFF_TEST_COMPILE_CACHE"] = _COMPILE_CACHE  # for the subprocesses tests start
 
 
 def _memory_map_count() -> int:
@@ -61,6 +66,19 @@ def release_compiled_programs():
     jax.clear_caches()
     gc.collect()
     _peak_maps_after_module[0] = max(_peak_maps_after_module[0], _memory_map_count())
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its highest count to the controlling process."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["peak_maps_after_module"] = _peak_maps_after_module[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controlling process's side of the hand-over (an xdist hook: only called under xdist)."""
+    count = getattr(node, "workeroutput", {}).get("peak_maps_after_module", 0)
+    _peak_maps_after_module[0] = max(_peak_maps_after_module[0], count)
 
 
 def pytest_terminal_summary(terminalreporter):

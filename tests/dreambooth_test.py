@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import jdiff
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import train_lib
 from jdiff.app import dreambooth, recipe
 from jdiff.data.prior_preservation import PriorPreservationSource, merge_pairs

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import jdiff
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import losses, schedules
 from jdiff.app import recipe, stages
 from jdiff.errors import ConfigError

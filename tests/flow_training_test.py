@@ -13,7 +13,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 import jdiff
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import losses, schedules
 from jdiff.app import recipe, stages
 from jdiff.errors import ConfigError

@@ -9,7 +9,7 @@ import safetensors.numpy
 import torch
 
 import jdiff
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff.app import recipe
 from jdiff.errors import ConfigError
 from parity import nchw_to_nhwc

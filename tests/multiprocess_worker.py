@@ -32,7 +32,7 @@ if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):  # the second recipe.run reuses t
     enable_compilation_cache(folder)
 
 import jdiff  # noqa: E402
-from configs import tiny  # noqa: E402
+from jdiff.configs import tiny  # noqa: E402
 from jdiff import sharding  # noqa: E402
 from jdiff.app import recipe  # noqa: E402
 

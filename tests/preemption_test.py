@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,13 +14,14 @@ import numpy as np
 import pytest
 
 from compile_flags import xla_flags
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import train_lib
 from jdiff.app import stages
 from jdiff.app.shapes_tfds import load_shapes
 from jdiff.checkpoint import Checkpoints
 from jdiff.data import make_loader, to_model_range
 from jdiff.preemption import Preempted
+from tiny_models import tiny_vae_train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -147,9 +147,8 @@ def test_sigterm_during_the_last_evaluation_still_reports_the_stop(tmp_path, tin
 
 def test_train_py_exits_143_on_sigterm_and_the_same_command_resumes(tmp_path):
     workdir = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-               "--workdir", str(workdir), "--config.stages=vae", "--config.vae_train.steps=100000",
-               "--config.vae_train.checkpoint_every=1000", "--config.vae_train.log_every=1"]
+    flags = ("--config.vae_train.checkpoint_every=1000", "--config.vae_train.log_every=1")
+    command = tiny_vae_train_command(workdir, *flags)
     env = {**os.environ, "XLA_FLAGS": xla_flags()}
     if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):
         env.update(JAX_COMPILATION_CACHE_DIR=os.environ["JDIFF_TEST_COMPILE_CACHE"],
@@ -174,7 +173,7 @@ def test_train_py_exits_143_on_sigterm_and_the_same_command_resumes(tmp_path):
     saved = int(found.group(1))
     assert saved >= 2 and Checkpoints(workdir / "vae" / "checkpoints").steps() == [saved]
 
-    rerun = subprocess.run(command[:-3] + [f"--config.vae_train.steps={saved + 1}"], cwd=ROOT, env=env,
+    rerun = subprocess.run(tiny_vae_train_command(workdir, *flags, steps=saved + 1), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {saved}" in rerun.stdout + rerun.stderr
@@ -185,10 +184,9 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path):
 
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"), "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-               "--workdir", str(tmp_path / "run"), "--config.stages=vae", "--config.vae_train.steps=100000",
-               "--config.vae_train.checkpoint_every=1000", "--config.vae_train.log_every=1",
-               f"--config.data.data_dir={tmp_path / 'data'}", "--coordinator_address", address, "--num_processes", "2"]
+    command = tiny_vae_train_command(
+        tmp_path / "run", "--config.vae_train.checkpoint_every=1000", "--config.vae_train.log_every=1",
+        f"--config.data.data_dir={tmp_path / 'data'}", "--coordinator_address", address, "--num_processes", "2")
     load_shapes(tmp_path / "data", "train", num_train=64, num_test=16)
     workers = [subprocess.Popen(command + ["--process_id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]

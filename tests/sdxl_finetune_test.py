@@ -14,7 +14,7 @@ import transformers
 from PIL import Image
 
 import jdiff
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import losses, schedules
 from jdiff.app import recipe, stages
 from jdiff.data import ImageFolder, encode_conditioning, encode_source, make_loader

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jdiff
-from configs import shapes_mmdit, tiny
+from jdiff.configs import shapes_mmdit, tiny
 from jdiff.app import recipe
 from jdiff.checkpoint import Checkpoints
 from jdiff.errors import ConfigError

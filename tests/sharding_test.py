@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import default, tiny
+from jdiff.configs import default, tiny
 from jdiff import families, sharding, train_lib
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app import stages

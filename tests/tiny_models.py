@@ -1,6 +1,8 @@
 """Tiny random reference models written in the exact on-disk formats of real checkpoints."""
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 from transformers import CLIPTokenizer
@@ -250,3 +252,13 @@ def write_random_lora(pipeline_folder, lora_folder, *, seed: int, unet_targets=(
         metadata[f"{name}_lora_adapter_metadata"] = config.to_dict()
     type(pipe).save_lora_weights(lora_folder, **layers, **metadata)
     return lora_folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_vae_train_command(workdir, *overrides, steps: int = 100_000) -> list[str]:
+    """`train.py` on the tiny config, VAE stage only: with the default step count, only a signal ends
+    it. `overrides` are further `--config...` flags."""
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "jdiff" / "configs" / "tiny.py"),
+            "--workdir", str(workdir), "--config.stages=vae", f"--config.vae_train.steps={steps}", *overrides]

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 
 import jdiff
 from compile_flags import xla_flags
-from configs import tiny
+from jdiff.configs import tiny
 from jdiff import train_lib
 from jdiff.app import recipe, shapes_eval, stages
 from jdiff.app.shapes_tfds import load_shapes
@@ -24,7 +24,7 @@ from jdiff.data import make_loader, to_model_range
 from jdiff.errors import ConfigError, TrainingError
 from jdiff.image_io import read_png_parameters
 from jdiff.losses import sample_timesteps
-from tiny_models import write_captioned_pictures
+from tiny_models import tiny_vae_train_command, write_captioned_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,9 +190,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, ti
 
 def test_killed_during_an_asynchronous_save_resumes_from_the_last_complete_checkpoint(tmp_path):
     workdir = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-               "--workdir", str(workdir), "--config.stages=vae", "--config.vae_train.steps=100000",
-               "--config.vae_train.checkpoint_every=1", "--config.vae_train.log_every=1000"]
+    command = tiny_vae_train_command(workdir, "--config.vae_train.checkpoint_every=1",
+                                     "--config.vae_train.log_every=1000")
     env = {**os.environ, "XLA_FLAGS": xla_flags()}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = workdir / "vae" / "checkpoints"

@@ -1,5 +1,5 @@
-"""Batch generation for sample.py: fixed-size batches (one compile), PNGs with metadata, a grid,
-progress, and the compile time and throughput at the end."""
+"""Batch generation for sample.py: fixed-size batches (one compile), PNGs with metadata written as
+each batch finishes, resuming an interrupted run, progress, and the compile time and throughput."""
 
 import dataclasses
 import time
@@ -9,10 +9,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jdiff import image_io
-from jdiff.batching import padded_batches
-from jdiff.pipeline import Pipeline, generate
+from jdiff import distributed, image_io
+from jdiff.app import sample_outputs
 from jdiff.app.prompts import Job
+from jdiff.batching import padded_batches
+from jdiff.errors import ConfigError
+from jdiff.pipeline import Pipeline, generate
 
 _compile_seconds = [0.0]
 
@@ -38,12 +40,16 @@ class RunStats:
     compile_seconds: float
     first_batch_seconds: float
     first_batch_images: int = 0
+    skipped: int = 0  # already on disk from an earlier run of the same command
 
     def summary(self) -> str:
+        if self.images == 0:
+            return f"all {self.skipped} images were already written"
         steady = self.seconds - self.first_batch_seconds
         rate = f"{(self.images - self.first_batch_images) / steady:.2f} images/s after the first batch" \
             if steady > 0 and self.images > self.first_batch_images else f"{self.images / self.seconds:.2f} images/s"
-        return (f"{self.images} images in {self.seconds:.1f} s; compile {self.compile_seconds:.1f} s; "
+        kept = f" ({self.skipped} kept from an earlier run)" if self.skipped else ""
+        return (f"{self.images} images{kept} in {self.seconds:.1f} s; compile {self.compile_seconds:.1f} s; "
                 f"first batch (with compile) {self.first_batch_seconds:.1f} s; {rate}")
 
 
@@ -71,35 +77,68 @@ def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, re
 
 
 def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: dict,
-        metadata: dict = {}, refiner: Refiner = None) -> RunStats:
+        metadata: dict = {}, refiner: Refiner = None, overwrite: bool = False) -> RunStats:
     """Generates every job in batches of `batch_size` (the last one padded, so all batches share
-    one compiled program) and writes out/NNNNN.png plus out/grid.png. Each PNG's text metadata
-    holds its prompt, seed, the scalar settings and `metadata` (e.g. input file names)."""
-    main = jax.process_index() == 0  # every process generates its share; process 0 writes the files
+    one compiled program) into out/NNNNN.png, out/manifest.jsonl and out/grid.png (the first 64).
+    Each PNG's metadata holds its prompt, seed, the scalar settings and `metadata` (e.g. input file
+    names). Images are written as each batch finishes and then dropped, so memory does not grow with
+    the number of jobs. A rerun of the same command skips the batches already on disk
+    (`sample_outputs`); `overwrite` starts afresh. Every process generates each batch on its share
+    of the devices and writes its own disjoint share of the files; process 0 keeps the manifest."""
+    out = Path(out)
+    main, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
+    printable = {key: v for key, v in settings.items() if _printable(v)}
+    batches = list(padded_batches(len(jobs), batch_size))
+    # Process 0 checks the folder and finds the finished batches; all processes follow its decision.
+    decision = np.zeros(1 + len(batches), np.int32)
+    refusal = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            sample_outputs.prepare(out, sample_outputs.run_record(pipe.source, jobs, batch_size, {**printable, **metadata}),
+                                   overwrite)
+            decision[0] = 1
+            decision[1:] = [sample_outputs.finished(out, indices[:real]) for indices, real in batches]
+        except ConfigError as error:
+            refusal = error
+    decision = distributed.from_main(decision)
+    if refusal is not None:
+        raise refusal
+    if not decision[0]:
+        raise ConfigError(f"process 0 refused the output folder {out}: see its message.")
+    done = decision[1:].astype(bool)
+    manifest = sample_outputs.Manifest(out, [sample_outputs.written_entry(out, i)
+                                             for (indices, real), skip in zip(batches, done) if skip
+                                             for i in indices[:real]]) if main else None
+    skipped = sum(real for (_, real), skip in zip(batches, done) if skip)
     start, compile_start = time.perf_counter(), _compile_seconds[0]
-    stats = RunStats(0, 0.0, 0.0, 0.0)
-    images = []
-    with tqdm(total=len(jobs), unit="img", desc="sampling", disable=not main) as bar:
-        for indices, real in padded_batches(len(jobs), batch_size):
-            first, padded = indices[0], [jobs[i] for i in indices]
-            batch = padded[:real]
+    stats = RunStats(0, 0.0, 0.0, 0.0, skipped=skipped)
+    with tqdm(total=len(jobs), initial=skipped, unit="img", desc="sampling", disable=not main) as bar:
+        for (indices, real), skip in zip(batches, done):
+            if skip:
+                continue
+            padded = [jobs[i] for i in indices]
             result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
                                     [j.seed for j in padded], settings, refiner)[:real]
-            for k, (job, image) in enumerate(zip(batch, result) if main else ()):
+            entries = []
+            for k, (index, image) in enumerate(zip(indices[:real], result)):
+                job = jobs[index]
                 parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                              "model": pipe.source, **metadata, **{key: v for key, v in settings.items() if _printable(v)}}
-                image_io.save_png(out / f"{first + k:05d}.png", image, parameters)
-            images.append(result)
-            if first == 0:
+                              "model": pipe.source, **metadata, **printable}
+                if k % processes == process:
+                    image_io.save_png(out / sample_outputs.image_name(index), image, parameters)
+                entries.append(sample_outputs.manifest_entry(index, parameters, *image.shape[:2]))
+            if main:
+                manifest.add(entries)
+            if stats.images == 0:
                 stats.first_batch_seconds = time.perf_counter() - start
-                stats.first_batch_images = len(batch)
-            bar.update(len(batch))
-    grid = np.concatenate(images)
+                stats.first_batch_images = real
+            stats.images += real
+            bar.update(real)
+    distributed.barrier("sample-files-written")  # the grid reads files other processes wrote
     if main:
-        image_io.save_png(out / "grid.png", image_io.image_grid(grid), {"prompts": [j.prompt for j in jobs]})
-    stats.images, stats.seconds = len(jobs), time.perf_counter() - start
+        manifest.close()
+        sample_outputs.write_grid(out, len(jobs), [j.prompt for j in jobs])
+    stats.seconds = time.perf_counter() - start
     stats.compile_seconds = _compile_seconds[0] - compile_start
     return stats
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from jdiff import hub
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl
 from jdiff.families.base import Family, Pipeline
@@ -37,11 +38,14 @@ def get(name: str) -> Family:
     return FAMILIES[name]
 
 
-def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
-    """A diffusers pipeline folder (its family chosen by model_index.json's `_class_name`), or a
-    train.py workdir (its `pipeline/` export). `dtype` is the compute dtype (bfloat16 on
-    accelerators); parameters are stored in `param_dtype`."""
-    folder = Path(folder)
+def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
+                  revision: str | None = None, cache_dir=None) -> Pipeline:
+    """A diffusers pipeline folder (its family chosen by model_index.json's `_class_name`), a
+    train.py workdir (its `pipeline/` export), or a Hugging Face repo id ("org/name") already in the
+    local Hugging Face cache (`revision`, `cache_dir`: `jdiff.hub.resolve`). `dtype` is the compute
+    dtype (bfloat16 on accelerators); parameters are stored in `param_dtype`. `variant` ("fp16")
+    loads diffusers' variant weight files (`*.fp16.safetensors`), as diffusers' `variant=` does."""
+    folder = hub.resolve(folder, revision=revision, cache_dir=cache_dir)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
     if (folder / "pipeline" / "model_index.json").is_file():  # a train.py workdir: its exported model
@@ -54,8 +58,12 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipe
             raise CheckpointError(f"{str(index_file)!r} is not valid JSON: {e}") from None
     else:  # a folder laid out like Stable Diffusion without its index
         index = {"_class_name": "StableDiffusionPipeline"}
+    if variant and not any(folder.glob(f"*/*.{variant}.safetensors")) and not any(
+            folder.glob(f"*/*.safetensors.index.{variant}.json")):
+        raise CheckpointError(f"{str(folder)!r} has no {variant!r} variant: no component folder holds "
+                              f"*.{variant}.safetensors weights.")
     family = family_for_pipeline_class(index.get("_class_name", ""))
-    return family.load(folder, index, dtype=dtype, param_dtype=param_dtype)
+    return family.load(folder, index, dtype=dtype, param_dtype=param_dtype, variant=variant)
 
 
 def save_pipeline(pipe: Pipeline, folder) -> None:

@@ -27,7 +27,7 @@ class Family:
 
     pipeline_classes: model_index.json `_class_name`s it reads, each with diffusers' default
       step count for that pipeline.
-    load(folder, index, dtype, param_dtype) -> Pipeline; save(pipe, folder) -> model_index.json
+    load(folder, index, dtype, param_dtype, variant) -> Pipeline; save(pipe, folder) -> model_index.json
       dict; from_config(config, ...) -> Pipeline (modules built from a run config, parameters only
       where given).
     tokenize(pipe, prompts, warn=True) -> dict of int32 [B, L] numpy arrays (the traced inputs of

@@ -28,9 +28,9 @@ MAX_SEQUENCE_LENGTH = 512  # diffusers' FluxPipeline default `max_sequence_lengt
 CLIP_LENGTH = 77
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
     require_components(folder, REQUIRED, "a Flux checkpoint")
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     modules, params = {}, {}
     modules["transformer"], params["transformer"] = convert.load_flux_transformer(folder / "transformer", **kw)
     modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw)

@@ -23,13 +23,13 @@ PIPELINE_CLASSES = {"StableDiffusionPipeline": 50, "StableDiffusionImg2ImgPipeli
                     "StableDiffusionInpaintPipeline": 50, "LatentConsistencyModelPipeline": 4}
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(
             f"{str(folder)!r} is not a diffusion checkpoint: it lacks "
             f"{', '.join(m + '/' for m in missing)} (expected {', '.join(COMPONENTS)}).")
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     unet, unet_params = convert.load_unet(folder / "unet", **kw)
     vae, vae_params = convert.load_vae(folder / "vae", **kw)
     text_encoder, text_params = convert.load_text_encoder(folder / "text_encoder", **kw)

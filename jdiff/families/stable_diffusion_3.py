@@ -44,9 +44,9 @@ MAX_SEQUENCE_LENGTH = 256
 TRAINED_LENGTH_KEY = "_jdiff_max_sequence_length"
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
     require_components(folder, REQUIRED, "an SD3 checkpoint")
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     modules, params, tokenizers = {}, {}, {}
     modules["transformer"], params["transformer"] = convert.load_sd3_transformer(folder / "transformer", **kw)
     modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw)

@@ -30,9 +30,9 @@ MICRO_CONDITIONING = {"original_size": None, "crops_coords_top_left": (0, 0), "t
                       "negative_target_size": None, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
     require_components(folder, ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"), "an SDXL checkpoint")
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     modules, params, tokenizers = {}, {}, {}
     modules["unet"], params["unet"] = convert.load_unet(folder / "unet", **kw)
     modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw)

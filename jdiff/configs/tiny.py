@@ -1,6 +1,6 @@
 """A seconds-long run of the whole recipe (tests and smoke checks): tiny models, few steps."""
 
-from configs import default
+from jdiff.configs import default
 
 
 def get_config():

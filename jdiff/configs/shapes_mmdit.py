@@ -11,7 +11,7 @@ the folder.
 
 import ml_collections
 
-from configs import default
+from jdiff.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
