@@ -229,7 +229,9 @@ def _class_name(raw: dict) -> str:
 
 
 def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
-                   **options):
+                   state: dict | None = None, **options):
+    """(module, params) of one component: the module from `folder`'s config.json, the weights from
+    its safetensors (or from `state`, a diffusers-keyed state dict: a single-file checkpoint's part)."""
     folder = _require_folder(folder)
     source = str(folder / "config.json")
     raw = read_json(folder / "config.json")
@@ -239,7 +241,7 @@ def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jn
     config = kind.parse_config(raw, source)
     module = kind.build(config, dtype=dtype, param_dtype=param_dtype, **options)
     shapes = param_shapes(kind, module)
-    state = kind.canonical_keys(read_state_dict(folder, variant))
+    state = kind.canonical_keys(read_state_dict(folder, variant) if state is None else state)
     for key, expected in kind.buffers(config).items():
         stored = state.pop(key, None)
         # Released files store it in float16 or bfloat16 (rounding up to ~1e-2); another config's
@@ -396,12 +398,13 @@ def load_t5_encoder(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, varia
     return load_component(_t5_encoder(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
 
 
-def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None):
+def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, state=None):
     """AutoencoderKL as the SDXL, SD3 and Flux pipelines run it: where its config says
     `force_upcast` (the VAE overflows in float16/bfloat16) it computes in float32 whatever `dtype`
     says."""
     force_upcast = read_json(Path(folder) / "config.json").get("force_upcast", True)
-    return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype, variant=variant)
+    return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype, variant=variant,
+                    state=state)
 
 
 def save_unet(module, params, folder) -> None:

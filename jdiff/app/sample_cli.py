@@ -20,6 +20,8 @@ def parse_args(argv=None):
                    "Hugging Face repo id (org/name) already in the local Hugging Face cache")
     p.add_argument("--revision", help="with a repo id: the branch, tag or commit (default main)")
     p.add_argument("--variant", help="diffusers' weight variant to load, e.g. fp16 (*.fp16.safetensors)")
+    p.add_argument("--model-config", help="with a single-file --model (model.safetensors): the diffusers folder "
+                   "or cached repo id of the same model that supplies configs and tokenizer")
     p.add_argument("--refiner", help="SDXL: a refiner pipeline folder that finishes each image")
     p.add_argument("--high-noise-frac", type=float, default=0.8,
                    help="with --refiner: the fraction of the noise levels the base model runs")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
         jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype), variant=args.variant,
-                                   revision=args.revision)
+                                   revision=args.revision, config=args.model_config)
         lora_scales = {}
         for i, spec in enumerate(args.lora):
             path, scale = parse_lora(spec)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jdiff import hub
+from jdiff import hub, single_file
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl
 from jdiff.families.base import Family, Pipeline
@@ -39,12 +39,20 @@ def get(name: str) -> Family:
 
 
 def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
-                  revision: str | None = None, cache_dir=None) -> Pipeline:
+                  revision: str | None = None, cache_dir=None, config=None) -> Pipeline:
     """A diffusers pipeline folder (its family chosen by model_index.json's `_class_name`), a
     train.py workdir (its `pipeline/` export), or a Hugging Face repo id ("org/name") already in the
     local Hugging Face cache (`revision`, `cache_dir`: `jdiff.hub.resolve`). `dtype` is the compute
     dtype (bfloat16 on accelerators); parameters are stored in `param_dtype`. `variant` ("fp16")
-    loads diffusers' variant weight files (`*.fp16.safetensors`), as diffusers' `variant=` does."""
+    loads diffusers' variant weight files (`*.fp16.safetensors`), as diffusers' `variant=` does.
+
+    A single .safetensors file in the original SD 1.x/2.x layout (A1111's, most model sites') loads
+    too, its configs and tokenizer taken from `config` (a diffusers folder or cached repo id of the same
+    model; default: the model type's usual repo, from the cache): `jdiff.single_file`."""
+    if Path(folder).is_file() or Path(folder).suffix in (".safetensors", *single_file.PICKLES):
+        if not Path(folder).is_file():
+            raise CheckpointError(f"checkpoint file {str(folder)!r} does not exist.")
+        return single_file.load(folder, config=config, dtype=dtype, param_dtype=param_dtype)
     folder = hub.resolve(folder, revision=revision, cache_dir=cache_dir)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")

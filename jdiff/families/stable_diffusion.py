@@ -23,16 +23,21 @@ PIPELINE_CLASSES = {"StableDiffusionPipeline": 50, "StableDiffusionImg2ImgPipeli
                     "StableDiffusionInpaintPipeline": 50, "LatentConsistencyModelPipeline": 4}
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
+         weights: dict | None = None) -> Pipeline:
+    """`weights`: diffusers-keyed state dicts by component ("unet", "vae", "text_encoder") to use in
+    place of the folder's files (a single-file checkpoint, with the folder giving configs and tokenizer)."""
+    weights = weights or {}
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(
             f"{str(folder)!r} is not a diffusion checkpoint: it lacks "
             f"{', '.join(m + '/' for m in missing)} (expected {', '.join(COMPONENTS)}).")
     kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
-    unet, unet_params = convert.load_unet(folder / "unet", **kw)
-    vae, vae_params = convert.load_vae(folder / "vae", **kw)
-    text_encoder, text_params = convert.load_text_encoder(folder / "text_encoder", **kw)
+    unet, unet_params = convert.load_unet(folder / "unet", **kw, state=weights.get("unet"))
+    vae, vae_params = convert.load_vae(folder / "vae", **kw, state=weights.get("vae"))
+    text_encoder, text_params = convert.load_text_encoder(folder / "text_encoder", **kw,
+                                                          state=weights.get("text_encoder"))
     tokenizer = convert.load_tokenizer(folder / "tokenizer", text_encoder.config.max_position_embeddings)
     return Pipeline(FAMILY, {"unet": unet, "vae": vae, "text_encoder": text_encoder}, {"tokenizer": tokenizer},
                     read_scheduler_config(folder / "scheduler"),

@@ -1,0 +1,136 @@
+"""Single-file SD checkpoints in the original (LDM) key layout, read by jdiff and by diffusers'
+`from_single_file` from the same file: the same weights and the same images."""
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import jdiff
+from jdiff import single_file
+from jdiff.errors import CheckpointError
+from jdiff.models.text import CLIPTextConfig
+from jdiff.models.unet import UNetConfig
+from jdiff.models.vae import VAEConfig
+from parity import nchw_to_nhwc
+
+PROMPTS = ["a red circle", "circle"]
+
+
+def _invert(state: dict, prefixes, sub_names: dict) -> dict:
+    """diffusers keys -> original keys, by the same prefix table read backwards (diffusers'
+    from_single_file, which has its own conversion, is the independent check)."""
+    out = {}
+    for key, value in state.items():
+        for old, new, kind in prefixes:
+            if key.startswith(new + "."):
+                rest = key[len(new) + 1:]
+                for a, b in sub_names.get(kind, {}).items():
+                    if rest == b or rest.startswith(b + "."):
+                        rest = a + rest[len(b):]
+                        break
+                out[f"{old}.{rest}"] = value
+                break
+        else:
+            raise AssertionError(f"no original name for {key}")
+    return out
+
+
+def write_single_file(folder, path, open_clip: bool = False):
+    """The diffusers folder's weights as one file in the original layout: OpenAI CLIP keys as SD 1.x
+    has them, or OpenCLIP's as SD 2.x has them."""
+    read = lambda c: safetensors.numpy.load_file(  # noqa: E731
+        str(next((folder / c).glob("*.safetensors"))))
+    unet_config = UNetConfig.from_dict(single_file_json(folder / "unet"))
+    vae_config = VAEConfig.from_dict(single_file_json(folder / "vae"))
+    unet = _invert(read("unet"), single_file.unet_prefixes(unet_config), {"resnet": single_file._RESNET})
+    vae = _invert(read("vae"), single_file.vae_prefixes(vae_config),
+                  {"resnet": single_file._VAE_RESNET, "attention": single_file._VAE_ATTENTION})
+    vae = {k: (v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v)
+           for k, v in vae.items()}
+    # Original files name the CLIP weights text_model.*; transformers >= 5.6 saves them without it.
+    text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in read("text_encoder").items()}
+    state = {**{single_file.UNET + k: v for k, v in unet.items()}, **{single_file.VAE + k: v for k, v in vae.items()}}
+    if not open_clip:
+        state.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
+    else:
+        layers = CLIPTextConfig.from_dict(single_file_json(folder / "text_encoder")).num_hidden_layers
+        p, t = single_file.OPEN_CLIP, "text_model."
+        state.update({p + "token_embedding.weight": text[t + "embeddings.token_embedding.weight"],
+                      p + "positional_embedding": text[t + "embeddings.position_embedding.weight"],
+                      p + "ln_final.weight": text[t + "final_layer_norm.weight"],
+                      p + "ln_final.bias": text[t + "final_layer_norm.bias"],
+                      p + "text_projection": np.eye(text[t + "final_layer_norm.weight"].shape[0], dtype=np.float32)})
+        names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        for i in range(layers):
+            old, new = f"{p}transformer.resblocks.{i}.", f"{t}encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                state[f"{old}attn.in_proj_{kind}"] = np.concatenate(
+                    [text[f"{new}self_attn.{x}_proj.{kind}"] for x in "qkv"])
+                state.update({f"{old}{a}.{kind}": text[f"{new}{b}.{kind}"] for a, b in names.items()})
+    safetensors.numpy.save_file(state, str(path))
+    return state
+
+
+def single_file_json(component):
+    import json
+
+    return json.loads((component / "config.json").read_text())
+
+
+def same_params(a, b):
+    import jax
+
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+    return all(np.array_equal(x, y) for (_, x), (_, y) in zip(flat_a, flat_b))
+
+
+@pytest.mark.parametrize("open_clip", [False, True], ids=["sd1_clip", "sd2_open_clip"])
+def test_a_single_file_loads_the_same_weights_and_draws_what_diffusers_draws(tmp_path, tiny_sd_folder, open_clip,
+                                                                             one_device):
+    from diffusers import StableDiffusionPipeline
+
+    path = tmp_path / "model.safetensors"
+    write_single_file(tiny_sd_folder, path, open_clip=open_clip)
+    pipe = jdiff.load_pipeline(path, config=tiny_sd_folder)
+    folder_pipe = jdiff.load_pipeline(tiny_sd_folder)
+    for name in ("unet", "vae", "text_encoder"):
+        assert same_params(pipe.params[name], folder_pipe.params[name]), name
+    assert pipe.source == str(path)
+
+    reference = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_sd_folder), safety_checker=None,
+                                                         local_files_only=True)
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = reference(PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=4.0, output_type="np").images
+    ours = jdiff.generate(pipe, PROMPTS, steps=3, guidance=4.0, latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert 0.02 < expected.std()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2 / 255)
+
+
+def test_single_file_errors_are_named(tmp_path, tiny_sd_folder, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))  # whatever this machine holds
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match=r"is a PyTorch pickle.*safetensors.torch.save_file"):
+        jdiff.load_pipeline(tmp_path / "model.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        jdiff.load_pipeline(tmp_path / "missing.safetensors")
+    (tmp_path / "garbled.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        jdiff.load_pipeline(tmp_path / "garbled.safetensors")
+    safetensors.numpy.save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a single-file Stable Diffusion checkpoint"):
+        jdiff.load_pipeline(tmp_path / "other.safetensors")
+    # Without config=, the model type's usual repo is looked for in the (here empty) cache.
+    state = write_single_file(tiny_sd_folder, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"its configs and tokenizer come from stable-diffusion-v1-5/"
+                                              r"stable-diffusion-v1-5, which is not in the local Hugging Face cache"):
+        jdiff.load_pipeline(tmp_path / "model.safetensors")
+    # A file with a block the config lacks names it.
+    state[single_file.UNET + "input_blocks.9.0.in_layers.0.weight"] = np.zeros(4, np.float32)
+    safetensors.numpy.save_file(state, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 U-Net tensors of the single file match no block.*input_blocks.9"):
+        jdiff.load_pipeline(tmp_path / "extra.safetensors", config=tiny_sd_folder)
