@@ -1,7 +1,8 @@
-"""Single-file Stable Diffusion 1.x/2.x checkpoints: the original (CompVis/Stability "LDM") key layout
-that A1111 and most model sites distribute, one .safetensors holding the U-Net
-(`model.diffusion_model.*`), the VAE (`first_stage_model.*`) and the text encoder
-(`cond_stage_model.*`: OpenAI CLIP for 1.x, OpenCLIP for 2.x).
+"""Single-file Stable Diffusion 1.x/2.x and SDXL checkpoints: the original (CompVis/Stability "LDM")
+key layout that A1111 and most model sites distribute, one .safetensors holding the U-Net
+(`model.diffusion_model.*`), the VAE (`first_stage_model.*`) and the text encoders
+(`cond_stage_model.*`: OpenAI CLIP for 1.x, OpenCLIP for 2.x; `conditioner.embedders.N.*` for SDXL's
+CLIP ViT-L and OpenCLIP bigG, or the refiner's bigG alone).
 
 The weights come from the file; configs, tokenizer and scheduler come from a diffusers folder of the
 same model type (`config=`, a folder or a Hugging Face repo id in the local cache), as diffusers'
@@ -24,6 +25,9 @@ from jdiff.errors import CheckpointError
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 OPEN_CLIP = TEXT + "model."  # SD 2.x
+SDXL_CLIP_L = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L (text_encoder) ...
+SDXL_OPEN_CLIP_G = "conditioner.embedders.1.model."  # ... and OpenCLIP bigG (text_encoder_2)
+REFINER_OPEN_CLIP_G = "conditioner.embedders.0.model."  # the refiner: OpenCLIP bigG only
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 
 # The repo each model type's configs and tokenizer come from when `config=` is not given.
@@ -32,6 +36,9 @@ DEFAULT_CONFIGS = {
     ("sd1", 9): "stable-diffusion-v1-5/stable-diffusion-inpainting",
     ("sd2", 4): "stabilityai/stable-diffusion-2-1",
     ("sd2", 9): "stabilityai/stable-diffusion-2-inpainting",
+    ("sdxl", 4): "stabilityai/stable-diffusion-xl-base-1.0",
+    ("sdxl", 9): "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+    ("sdxl_refiner", 4): "stabilityai/stable-diffusion-xl-refiner-1.0",
 }
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -55,13 +62,15 @@ def read(path: Path) -> dict[str, np.ndarray]:
 
 
 def model_type(state: dict) -> tuple[str, int]:
-    """("sd1" | "sd2", U-Net input channels) read from the tensors."""
+    """("sd1" | "sd2" | "sdxl" | "sdxl_refiner", U-Net input channels) read from the tensors."""
     conv_in = state.get(UNET + "input_blocks.0.0.weight")
     if conv_in is None or not any(k.startswith(VAE) for k in state):
         raise CheckpointError("not a single-file Stable Diffusion checkpoint: it lacks the U-Net "
-                              f"({UNET}*) or the VAE ({VAE}*). SDXL, SD3 and Flux single files are not read yet; "
+                              f"({UNET}*) or the VAE ({VAE}*). SD3 and Flux single files are not read yet; "
                               "use their diffusers folders.")
-    return ("sd2" if OPEN_CLIP + "token_embedding.weight" in state else "sd1"), int(conv_in.shape[1])
+    kinds = [("sdxl", SDXL_OPEN_CLIP_G), ("sdxl_refiner", REFINER_OPEN_CLIP_G), ("sd2", OPEN_CLIP)]
+    kind = next((k for k, prefix in kinds if prefix + "token_embedding.weight" in state), "sd1")
+    return kind, int(conv_in.shape[1])
 
 
 def _rename(state: dict, prefix_pairs, sub_names: dict | None = None) -> dict:
@@ -86,6 +95,7 @@ def unet_prefixes(config) -> list[tuple[str, str, str]]:
     if not isinstance(per, int):
         raise CheckpointError("single-file U-Nets with a layer count per block are not read; use a diffusers folder.")
     pairs = [("time_embed.0", "time_embedding.linear_1", "plain"), ("time_embed.2", "time_embedding.linear_2", "plain"),
+             ("label_emb.0.0", "add_embedding.linear_1", "plain"), ("label_emb.0.2", "add_embedding.linear_2", "plain"),
              ("input_blocks.0.0", "conv_in", "plain"), ("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain"),
              ("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.1", "mid_block.attentions.0", "attention"),
              ("middle_block.2", "mid_block.resnets.1", "resnet")]
@@ -158,18 +168,34 @@ def vae_state(state: dict, config) -> dict:
     return _leftovers(out, part, "VAE")
 
 
-def text_state(state: dict, config) -> dict:
-    """The text encoder's part as transformers' CLIPTextModel keys. OpenCLIP (SD 2.x) stores each
-    layer's q, k, v as one in_proj matrix and holds more layers than the pipeline uses (SD 2.x's
-    encoder stops one layer short); the unused layers and the projection are dropped."""
-    if OPEN_CLIP + "token_embedding.weight" not in state:
-        part = {k[len(TEXT + "transformer."):]: v for k, v in state.items() if k.startswith(TEXT + "transformer.")}
-        return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in part.items()}
-    part = {k[len(OPEN_CLIP):]: v for k, v in state.items() if k.startswith(OPEN_CLIP)}
+def text_states(state: dict, kind: str, configs: dict) -> dict:
+    """The text encoders' parts as transformers' keys, by diffusers component name; `configs` holds
+    each encoder's CLIPTextConfig."""
+    if kind == "sdxl":
+        return {"text_encoder": _clip_state(state, SDXL_CLIP_L),
+                "text_encoder_2": open_clip_state(state, SDXL_OPEN_CLIP_G, configs["text_encoder_2"])}
+    if kind == "sdxl_refiner":
+        return {"text_encoder_2": open_clip_state(state, REFINER_OPEN_CLIP_G, configs["text_encoder_2"])}
+    if kind == "sd2":
+        return {"text_encoder": open_clip_state(state, OPEN_CLIP, configs["text_encoder"])}
+    return {"text_encoder": _clip_state(state, TEXT + "transformer.")}
+
+
+def _clip_state(state: dict, prefix: str) -> dict:
+    """OpenAI CLIP, stored with transformers' own names under `prefix` (older files omit `text_model.`)."""
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in part.items()}
+
+
+def open_clip_state(state: dict, prefix: str, config) -> dict:
+    """OpenCLIP (SD 2.x, SDXL's bigG) stores each layer's q, k, v as one in_proj matrix and may hold
+    more layers than the pipeline uses (SD 2.x's encoder stops one layer short: the unused layers are
+    dropped, as diffusers does). With a projection (SDXL), `text_projection` is stored transposed."""
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         return _open_clip_state(part, config)
     except KeyError as e:
-        raise CheckpointError(f"the single file's OpenCLIP text encoder lacks {OPEN_CLIP}{e.args[0]} that a "
+        raise CheckpointError(f"the single file's OpenCLIP text encoder lacks {prefix}{e.args[0]} that a "
                               f"{config.num_hidden_layers}-layer encoder needs; pass config= a diffusers folder "
                               "of the same model.") from None
 
@@ -179,6 +205,8 @@ def _open_clip_state(part: dict, config) -> dict:
            "text_model.embeddings.position_embedding.weight": part.pop("positional_embedding"),
            "text_model.final_layer_norm.weight": part.pop("ln_final.weight"),
            "text_model.final_layer_norm.bias": part.pop("ln_final.bias")}
+    if config.with_projection:
+        out["text_projection.weight"] = np.ascontiguousarray(part.pop("text_projection").T)
     names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     for i in range(config.num_hidden_layers):
@@ -221,24 +249,25 @@ def config_folder(state: dict, config) -> Path:
 
 
 def load(path, *, config=None, dtype, param_dtype):
-    """A Pipeline from a single-file SD 1.x/2.x checkpoint (see the module's docstring)."""
+    """A Pipeline from a single-file SD 1.x/2.x or SDXL checkpoint (see the module's docstring)."""
     from jdiff import convert
-    from jdiff.families import stable_diffusion
+    from jdiff.families import stable_diffusion, stable_diffusion_xl
     from jdiff.models.text import CLIPTextConfig
     from jdiff.models.unet import UNetConfig
     from jdiff.models.vae import VAEConfig
 
     path = Path(path)
     state = read(path)
-    model_type(state)  # a clear error for what is not an SD checkpoint
+    kind, _ = model_type(state)
     folder = config_folder(state, config)
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    unet_config = UNetConfig.from_dict(convert.read_json(folder / "unet" / "config.json"), str(folder / "unet"))
-    vae_config = VAEConfig.from_dict(convert.read_json(folder / "vae" / "config.json"), str(folder / "vae"))
-    text_config = CLIPTextConfig.from_dict(convert.read_json(folder / "text_encoder" / "config.json"),
-                                           str(folder / "text_encoder"))
-    weights = {"unet": unet_state(state, unet_config), "vae": vae_state(state, vae_config),
-               "text_encoder": text_state(state, text_config)}
-    pipe = stable_diffusion.load(folder, index, dtype=dtype, param_dtype=param_dtype, weights=weights)
+    parse = lambda cls, name: cls.from_dict(convert.read_json(folder / name / "config.json"),  # noqa: E731
+                                            str(folder / name))
+    encoders = ("text_encoder_2",) if kind == "sdxl_refiner" else (
+        ("text_encoder", "text_encoder_2") if kind == "sdxl" else ("text_encoder",))
+    weights = {"unet": unet_state(state, parse(UNetConfig, "unet")), "vae": vae_state(state, parse(VAEConfig, "vae")),
+               **text_states(state, kind, {name: parse(CLIPTextConfig, name) for name in encoders})}
+    family = stable_diffusion_xl if kind.startswith("sdxl") else stable_diffusion
+    pipe = family.load(folder, index, dtype=dtype, param_dtype=param_dtype, weights=weights)
     return dataclasses.replace(pipe, source=str(path))

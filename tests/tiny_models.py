@@ -97,11 +97,12 @@ SDXL_TIME_EMBED = 8  # addition_time_embed_dim of the tiny U-Nets
 SDXL_POOLED = 32  # projection_dim of the second text encoder
 
 
-def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10):
+def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10, text_2_width: int = 32):
     """A StableDiffusionXLPipeline (or, refiner=True, an Img2Img refiner with only the second text
     encoder and aesthetic-score time ids) with random weights, shaped like SDXL in miniature: a
     level without attention, two transformer layers at the next, linear projections, two CLIP
-    encoders (the second with a projection and gelu, as OpenCLIP bigG) concatenated to 64 features."""
+    encoders (the second with a projection and gelu, as OpenCLIP bigG, `text_2_width` wide)
+    concatenated to 32 + `text_2_width` features."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -114,13 +115,14 @@ def make_tiny_sdxl_pipeline(folder, *, refiner: bool = False, seed: int = 10):
                    max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     text = None if refiner else CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **text_kw))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=3, hidden_act="gelu",
-                                                        projection_dim=SDXL_POOLED, **text_kw))
+                                                        projection_dim=SDXL_POOLED,
+                                                        **{**text_kw, "hidden_size": text_2_width}))
     time_ids = 5 if refiner else 6
     unet = UNet2DConditionModel(
         sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        cross_attention_dim=32 if refiner else 64, norm_num_groups=8, addition_embed_type="text_time",
+        cross_attention_dim=text_2_width if refiner else 32 + text_2_width, norm_num_groups=8, addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED,
         projection_class_embeddings_input_dim=SDXL_TIME_EMBED * time_ids + SDXL_POOLED)
     vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,

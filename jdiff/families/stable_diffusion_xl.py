@@ -30,18 +30,23 @@ MICRO_CONDITIONING = {"original_size": None, "crops_coords_top_left": (0, 0), "t
                       "negative_target_size": None, "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5}
 
 
-def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None) -> Pipeline:
+def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
+         weights: dict | None = None) -> Pipeline:
+    """`weights`: diffusers-keyed state dicts by component name in place of the folder's files (a
+    single-file checkpoint, with the folder giving configs and tokenizers)."""
+    weights = weights or {}
     require_components(folder, ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"), "an SDXL checkpoint")
     kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     modules, params, tokenizers = {}, {}, {}
-    modules["unet"], params["unet"] = convert.load_unet(folder / "unet", **kw)
-    modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw)
+    modules["unet"], params["unet"] = convert.load_unet(folder / "unet", **kw, state=weights.get("unet"))
+    modules["vae"], params["vae"] = convert.load_vae_upcast(folder / "vae", **kw, state=weights.get("vae"))
     for tokenizer_name, encoder_name in ENCODERS:
         listed = index.get(encoder_name)
         if encoder_name == "text_encoder" and (listed is not None and listed[0] is None
                                                or not (folder / encoder_name).is_dir()):
             continue  # the refiner has only the second encoder
-        modules[encoder_name], params[encoder_name] = convert.load_text_encoder(folder / encoder_name, **kw)
+        modules[encoder_name], params[encoder_name] = convert.load_text_encoder(folder / encoder_name, **kw,
+                                                                                state=weights.get(encoder_name))
         length = modules[encoder_name].config.max_position_embeddings
         tokenizers[tokenizer_name] = convert.load_tokenizer(folder / tokenizer_name, length)
     if not modules["text_encoder_2"].config.with_projection:
