@@ -17,10 +17,12 @@ def resolve(source, *, revision: str | None = None, cache_dir=None) -> Path:
     if path.exists() or not _REPO_ID.fullmatch(str(source)):
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(str(source), revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except HFValidationError:  # not a valid repo id after all: an ordinary missing path
+        return path
     except LocalEntryNotFoundError:
         where = cache_dir or constants.HF_HUB_CACHE
         at = f" at revision {revision!r}" if revision else ""

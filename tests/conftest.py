@@ -25,8 +25,8 @@ torch.set_num_threads(2)
 
 # Many tests build the same tiny train steps again (each `train_lib.train` call jits a new closure,
 # which JAX's in-memory cache cannot match); the persistent cache matches them by their program.
-# A fresh folder per session, so nothing carries over between runs. (At LLVM level 0, writing an
-# entry crashed XLA:CPU; see compile_flags.py. At the default level it never has.)
+# A fresh folder per session, so nothing carries over between runs. (Crashes once blamed on writing
+# entries at LLVM level 0 came from running out of memory mappings; see compile_flags.py.)
 # Under pytest-xdist the controlling process makes the folder before it starts the workers, which
 # inherit it through the environment: workers share programs, and only the controller removes it.
 if "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("JDIFF_TEST_COMPILE_CACHE"):

@@ -82,59 +82,59 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     one compiled program) into out/NNNNN.png, out/manifest.jsonl and out/grid.png (the first 64).
     Each PNG's metadata holds its prompt, seed, the scalar settings and `metadata` (e.g. input file
     names). Images are written as each batch finishes and then dropped, so memory does not grow with
-    the number of jobs. A rerun of the same command skips the batches already on disk
+    the number of jobs. A rerun of the same command keeps the batches already on disk
     (`sample_outputs`); `overwrite` starts afresh. Every process generates each batch on its share
-    of the devices and writes its own disjoint share of the files; process 0 keeps the manifest."""
+    of the devices; process 0 alone touches `out`, so it need not be shared between hosts."""
     out = Path(out)
-    main, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
+    main = jax.process_index() == 0
     printable = {key: v for key, v in settings.items() if _printable(v)}
     batches = list(padded_batches(len(jobs), batch_size))
-    # Process 0 checks the folder and finds the finished batches; all processes follow its decision.
+    # Process 0 checks the folder and finds the finished batches; all processes follow its decision
+    # (whatever goes wrong there is broadcast too, so no process waits in a collective alone).
     decision = np.zeros(1 + len(batches), np.int32)
-    refusal = None
+    kept, failure = [None] * len(batches), None
     if main:
         try:
-            sample_outputs.prepare(out, sample_outputs.run_record(pipe.source, jobs, batch_size, {**printable, **metadata}),
-                                   overwrite)
+            record = sample_outputs.run_record(pipe.source, jobs, batch_size, {**printable, **metadata})
+            sample_outputs.prepare(out, record, overwrite)
+            kept = [sample_outputs.kept_entries(out, indices[:real]) for indices, real in batches]
             decision[0] = 1
-            decision[1:] = [sample_outputs.finished(out, indices[:real]) for indices, real in batches]
-        except ConfigError as error:
-            refusal = error
+            decision[1:] = [entries is not None for entries in kept]
+        except Exception as error:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            failure = error
     decision = distributed.from_main(decision)
-    if refusal is not None:
-        raise refusal
+    if failure is not None:
+        raise failure
     if not decision[0]:
-        raise ConfigError(f"process 0 refused the output folder {out}: see its message.")
+        raise ConfigError(f"process 0 could not use the output folder {out}: see its message.")
     done = decision[1:].astype(bool)
-    manifest = sample_outputs.Manifest(out, [sample_outputs.written_entry(out, i)
-                                             for (indices, real), skip in zip(batches, done) if skip
-                                             for i in indices[:real]]) if main else None
+    manifest = sample_outputs.Manifest(out) if main else None
     skipped = sum(real for (_, real), skip in zip(batches, done) if skip)
     start, compile_start = time.perf_counter(), _compile_seconds[0]
     stats = RunStats(0, 0.0, 0.0, 0.0, skipped=skipped)
     with tqdm(total=len(jobs), initial=skipped, unit="img", desc="sampling", disable=not main) as bar:
-        for (indices, real), skip in zip(batches, done):
+        for (indices, real), skip, entries in zip(batches, done, kept):
             if skip:
+                if main:
+                    manifest.add(entries)  # in index order, as an uninterrupted run writes them
                 continue
             padded = [jobs[i] for i in indices]
             result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
                                     [j.seed for j in padded], settings, refiner)[:real]
-            entries = []
-            for k, (index, image) in enumerate(zip(indices[:real], result)):
-                job = jobs[index]
-                parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                              "model": pipe.source, **metadata, **printable}
-                if k % processes == process:
-                    image_io.save_png(out / sample_outputs.image_name(index), image, parameters)
-                entries.append(sample_outputs.manifest_entry(index, parameters, *image.shape[:2]))
             if main:
+                entries = []
+                for index, image in zip(indices[:real], result):
+                    job = jobs[index]
+                    parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
+                                  "model": pipe.source, **metadata, **printable}
+                    image_io.save_png(out / sample_outputs.image_name(index), image, parameters)
+                    entries.append(sample_outputs.manifest_entry(index, parameters, *image.shape[:2]))
                 manifest.add(entries)
             if stats.images == 0:
                 stats.first_batch_seconds = time.perf_counter() - start
                 stats.first_batch_images = real
             stats.images += real
             bar.update(real)
-    distributed.barrier("sample-files-written")  # the grid reads files other processes wrote
     if main:
         manifest.close()
         sample_outputs.write_grid(out, len(jobs), [j.prompt for j in jobs])

@@ -113,16 +113,19 @@ def main(argv=None) -> int:
         if args.refiner:
             if args.init_image or args.mask:
                 raise ConfigError("--refiner finishes text-to-image runs; it does not take --init-image or --mask.")
-            refiner_pipe = jdiff.load_pipeline(args.refiner, dtype=jnp.dtype(args.dtype))
+            refiner_pipe = jdiff.load_pipeline(args.refiner, dtype=jnp.dtype(args.dtype), variant=args.variant)
             refiner = batch_generation.Refiner(refiner_pipe, args.high_noise_frac,
                                                {"sampler": args.sampler or jdiff.checkpoint_sampling(refiner_pipe)[0]})
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
+        # Everything else that changes the pixels goes into each PNG and the run record too.
         inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("refiner", args.refiner),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),
-                                    ("lora", args.lora)) if v}
+                                    ("lora", args.lora), ("revision", args.revision), ("variant", args.variant),
+                                    ("model_config", args.model_config)) if v}
+        inputs["dtype"] = args.dtype
         stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs,
                                      refiner, overwrite=args.overwrite)
     except (ConfigError, CheckpointError) as e:

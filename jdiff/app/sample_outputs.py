@@ -9,6 +9,7 @@ record (`run.json`) stops a different command from mixing its images into the fo
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,16 @@ def run_record(model: str, jobs, batch_size: int, settings: dict) -> dict:
     return json.loads(json.dumps(record, default=str, ensure_ascii=False))  # as the file will read back
 
 
-def _own_files(out: Path):
-    """The files a run writes (never anything else a user keeps in the folder)."""
+_IMAGE_FILE = re.compile(r"\d{5,}\.png(\.partial)?")  # image_name(i), and its temporary name while written
+
+
+def _own_files(out: Path, count: int):
+    """The files a run of `count` images writes: never anything else a user keeps in the folder
+    (a photo named 20240101.png included, unless a run had that many images)."""
+    names = {RECORD, RECORD + ".partial", MANIFEST, GRID}
     for path in out.iterdir():
-        stem = path.name.split(".")[0]
-        if path.name in (RECORD, MANIFEST, GRID) or (stem.isdigit() and path.name.endswith((".png", ".partial"))):
+        match = _IMAGE_FILE.fullmatch(path.name)
+        if path.is_file() and (path.name in names or match and int(path.name.split(".")[0]) < count):
             yield path
 
 
@@ -49,26 +55,42 @@ def prepare(out: Path, record: dict, overwrite: bool) -> None:
     `overwrite`, else refuses a folder written by a different command."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for path in _own_files(out):
+        earlier = _read_record(out) or {}
+        for path in _own_files(out, max(record["images"], int(earlier.get("images", 0)))):
             path.unlink()
-    elif (out / RECORD).is_file():
-        earlier = json.loads((out / RECORD).read_text())
+    else:
+        images = any(_IMAGE_FILE.fullmatch(p.name) for p in out.iterdir() if p.is_file())
+        earlier = _read_record(out) if images else record  # no images yet: an earlier attempt that
+        if earlier is None:                                 # failed early holds nothing to keep
+            raise ConfigError(f"{out} holds images that no readable run record ({RECORD}) describes; pass "
+                              f"--overwrite to replace them, or choose another --out.")
         if earlier != record:
             changed = sorted(k for k in record.keys() | earlier.keys() if record.get(k) != earlier.get(k))
             raise ConfigError(f"{out} holds images of a different run (it differs in {', '.join(changed)}); "
                               f"pass --overwrite to replace them, or choose another --out.")
-    elif any(True for _ in _own_files(out)):
-        raise ConfigError(f"{out} holds images that no run record ({RECORD}) describes; pass --overwrite "
-                          f"to replace them, or choose another --out.")
     partial = out / (RECORD + ".partial")
-    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False))
+    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
     partial.replace(out / RECORD)
 
 
-def finished(out: Path, indices) -> bool:
-    """Whether every image of a batch is on disk (PNGs are written under a temporary name and renamed,
-    so a file that exists is whole)."""
-    return all((out / image_name(i)).is_file() for i in indices)
+def _read_record(out: Path) -> dict | None:
+    try:
+        record = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def kept_entries(out: Path, indices) -> list[dict] | None:
+    """The manifest entries of a batch whose images are all on disk and readable, else None (the
+    batch is made again). PNGs are written under a temporary name and renamed, so a file that exists
+    is whole unless the disk lost it."""
+    if not all((out / image_name(i)).is_file() for i in indices):
+        return None
+    try:
+        return [written_entry(out, i) for i in indices]
+    except (OSError, ValueError, ConfigError):  # unreadable or without jdiff's metadata
+        return None
 
 
 def manifest_entry(index: int, parameters: dict, height: int, width: int) -> dict:
@@ -87,13 +109,12 @@ def written_entry(out: Path, index: int) -> dict:
 class Manifest:
     """manifest.jsonl, one JSON line per image in index order, flushed batch by batch."""
 
-    def __init__(self, out: Path, entries: list[dict]):
+    def __init__(self, out: Path):
         self._file = open(out / MANIFEST, "w", encoding="utf-8")  # rewritten: the images on disk are the truth
-        self.add(entries)
 
     def add(self, entries: list[dict]) -> None:
         for entry in entries:
-            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(entry, default=str, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
