@@ -122,7 +122,11 @@ def read_png_parameters(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"image {str(path)!r} does not exist.")
     with Image.open(path) as image:
-        text = dict(image.text)
+        # Chunks before the pixel data (where jdiff and A1111 write theirs) are read at open; `.text`
+        # decodes the whole image to reach any after it, so it is the fallback.
+        text = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        if "jdiff" not in text and "parameters" not in text:
+            text = dict(image.text)
     if "jdiff" in text:
         return json.loads(text["jdiff"])
     if "parameters" in text:

@@ -227,10 +227,11 @@ def _leftovers(out: dict, rest: dict, what: str) -> dict:
     return out
 
 
-def config_folder(state: dict, config) -> Path:
-    """The diffusers folder that supplies configs, tokenizer and scheduler."""
+def config_folder(state: dict, config, revision: str | None = None, cache_dir=None) -> Path:
+    """The diffusers folder that supplies configs, tokenizer and scheduler (`revision` and
+    `cache_dir` apply to a repo id given as `config`)."""
     if config is not None:
-        folder = hub.resolve(config)
+        folder = hub.resolve(config, revision=revision, cache_dir=cache_dir)
         if not folder.is_dir():
             raise CheckpointError(f"config {str(config)!r} is neither a diffusers folder nor a cached repo id.")
         return folder
@@ -240,7 +241,7 @@ def config_folder(state: dict, config) -> Path:
         raise CheckpointError(f"a {kind} U-Net with {channels} input channels has no usual config repo; "
                               "pass config= a diffusers folder of the same model.")
     try:
-        return hub.resolve(repo)
+        return hub.resolve(repo, cache_dir=cache_dir)
     except CheckpointError as e:
         raise CheckpointError(f"single-file {kind.upper()} checkpoint: its configs and tokenizer come from {repo}, "
                               f"which is not in the local Hugging Face cache; pass config= a diffusers folder of "
@@ -248,7 +249,7 @@ def config_folder(state: dict, config) -> Path:
                               f"'*.txt'`). ({e})") from None
 
 
-def load(path, *, config=None, dtype, param_dtype):
+def load(path, *, config=None, dtype, param_dtype, revision: str | None = None, cache_dir=None):
     """A Pipeline from a single-file SD 1.x/2.x or SDXL checkpoint (see the module's docstring)."""
     from jdiff import convert
     from jdiff.families import stable_diffusion, stable_diffusion_xl
@@ -259,7 +260,7 @@ def load(path, *, config=None, dtype, param_dtype):
     path = Path(path)
     state = read(path)
     kind, _ = model_type(state)
-    folder = config_folder(state, config)
+    folder = config_folder(state, config, revision, cache_dir)
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     parse = lambda cls, name: cls.from_dict(convert.read_json(folder / name / "config.json"),  # noqa: E731

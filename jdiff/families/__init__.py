@@ -8,6 +8,7 @@ tokenizing, encoding prompts, calling the denoiser) and list it in FAMILIES. `ge
 `sample.py`, `train.py`, sharding and checkpoints then work for it unchanged.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -52,8 +53,9 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant
     if Path(folder).is_file() or Path(folder).suffix in (".safetensors", *single_file.PICKLES):
         if not Path(folder).is_file():
             raise CheckpointError(f"checkpoint file {str(folder)!r} does not exist.")
-        return single_file.load(folder, config=config, dtype=dtype, param_dtype=param_dtype)
-    folder = hub.resolve(folder, revision=revision, cache_dir=cache_dir)
+        return single_file.load(folder, config=config, dtype=dtype, param_dtype=param_dtype, revision=revision,
+                                cache_dir=cache_dir)
+    source, folder = folder, hub.resolve(folder, revision=revision, cache_dir=cache_dir)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {str(folder)!r} does not exist or is not a folder.")
     if (folder / "pipeline" / "model_index.json").is_file():  # a train.py workdir: its exported model
@@ -71,7 +73,10 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant
         raise CheckpointError(f"{str(folder)!r} has no {variant!r} variant: no component folder holds "
                               f"*.{variant}.safetensors weights.")
     family = family_for_pipeline_class(index.get("_class_name", ""))
-    return family.load(folder, index, dtype=dtype, param_dtype=param_dtype, variant=variant)
+    pipe = family.load(folder, index, dtype=dtype, param_dtype=param_dtype, variant=variant)
+    if not Path(source).exists():  # a repo id: it names the model better than its cache snapshot's path
+        pipe = dataclasses.replace(pipe, source=str(source) + (f"@{revision}" if revision else ""))
+    return pipe
 
 
 def save_pipeline(pipe: Pipeline, folder) -> None:
