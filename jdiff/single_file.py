@@ -45,6 +45,9 @@ _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# An OpenCLIP layer's parts other than its fused q, k, v, by transformers' CLIP names.
+OPEN_CLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
@@ -207,15 +210,13 @@ def _open_clip_state(part: dict, config) -> dict:
            "text_model.final_layer_norm.bias": part.pop("ln_final.bias")}
     if config.with_projection:
         out["text_projection.weight"] = np.ascontiguousarray(part.pop("text_projection").T)
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     for i in range(config.num_hidden_layers):
         old, new = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
         for kind in ("weight", "bias"):
             q, k, v = np.split(part.pop(f"{old}attn.in_proj_{kind}"), 3)
             out.update({f"{new}self_attn.q_proj.{kind}": q, f"{new}self_attn.k_proj.{kind}": k,
                         f"{new}self_attn.v_proj.{kind}": v})
-            for a, b in names.items():
+            for a, b in OPEN_CLIP_NAMES.items():
                 out[f"{new}{b}.{kind}"] = part.pop(f"{old}{a}.{kind}")
     return out
 

@@ -2,13 +2,13 @@
 
 import shutil
 
-import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
 import jdiff
 from jdiff.errors import CheckpointError
+from parity import same_params
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -22,10 +22,6 @@ def fake_cache(tmp_path, source, repo="org/tiny", refs=("main",)):
     for ref in refs:
         (repo_dir / "refs" / ref).write_text(COMMIT)
     return cache
-
-
-def same_params(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_a_repo_id_loads_from_the_cache_at_a_revision(tmp_path, tiny_sd_folder):

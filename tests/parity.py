@@ -34,3 +34,12 @@ def randomize_torch(module, scale: float = 0.5, seed: int = 0):
                 fan_in = p[0].numel() if p.ndim > 1 else 4
                 p.copy_(scale * torch.randn(p.shape, generator=gen) / fan_in**0.5)
     return module.eval()
+
+
+def same_params(a, b) -> bool:
+    """Whether two parameter trees hold the same leaves, bit for bit (their paths must match)."""
+    import jax
+
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
+    return all(np.array_equal(x, y) for (_, x), (_, y) in zip(flat_a, flat_b))

@@ -7,12 +7,12 @@ import safetensors.numpy
 import torch
 
 import jdiff
-from jdiff import single_file
+from jdiff import convert, single_file
 from jdiff.errors import CheckpointError
 from jdiff.models.text import CLIPTextConfig
 from jdiff.models.unet import UNetConfig
 from jdiff.models.vae import VAEConfig
-from parity import nchw_to_nhwc
+from parity import nchw_to_nhwc, same_params
 
 PROMPTS = ["a red circle", "circle"]
 
@@ -52,13 +52,11 @@ def open_clip_keys(text: dict, prefix: str, layers: int) -> dict:
              prefix + "ln_final.weight": text[t + "final_layer_norm.weight"],
              prefix + "ln_final.bias": text[t + "final_layer_norm.bias"],
              prefix + "text_projection": np.ascontiguousarray(projection)}
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     for i in range(layers):
         old, new = f"{prefix}transformer.resblocks.{i}.", f"{t}encoder.layers.{i}."
         for kind in ("weight", "bias"):
             state[f"{old}attn.in_proj_{kind}"] = np.concatenate([text[f"{new}self_attn.{x}_proj.{kind}"] for x in "qkv"])
-            state.update({f"{old}{a}.{kind}": text[f"{new}{b}.{kind}"] for a, b in names.items()})
+            state.update({f"{old}{a}.{kind}": text[f"{new}{b}.{kind}"] for a, b in single_file.OPEN_CLIP_NAMES.items()})
     return state
 
 
@@ -68,9 +66,9 @@ def write_single_file(folder, path, open_clip: bool = False):
     text_encoder_2)."""
     read = lambda c: safetensors.numpy.load_file(  # noqa: E731
         str(next((folder / c).glob("*.safetensors"))))
-    layers = lambda c: CLIPTextConfig.from_dict(single_file_json(folder / c)).num_hidden_layers  # noqa: E731
-    unet_config = UNetConfig.from_dict(single_file_json(folder / "unet"))
-    vae_config = VAEConfig.from_dict(single_file_json(folder / "vae"))
+    layers = lambda c: CLIPTextConfig.from_dict(convert.read_json(folder / c / "config.json")).num_hidden_layers  # noqa: E731
+    unet_config = UNetConfig.from_dict(convert.read_json(folder / "unet" / "config.json"))
+    vae_config = VAEConfig.from_dict(convert.read_json(folder / "vae" / "config.json"))
     unet = _invert(read("unet"), single_file.unet_prefixes(unet_config), {"resnet": single_file._RESNET})
     vae = _invert(read("vae"), single_file.vae_prefixes(vae_config),
                   {"resnet": single_file._VAE_RESNET, "attention": single_file._VAE_ATTENTION})
@@ -88,20 +86,6 @@ def write_single_file(folder, path, open_clip: bool = False):
         state.update(clip_keys(read("text_encoder"), "cond_stage_model.transformer."))
     safetensors.numpy.save_file(state, str(path))
     return state
-
-
-def single_file_json(component):
-    import json
-
-    return json.loads((component / "config.json").read_text())
-
-
-def same_params(a, b):
-    import jax
-
-    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-    assert [k for k, _ in flat_a] == [k for k, _ in flat_b]
-    return all(np.array_equal(x, y) for (_, x), (_, y) in zip(flat_a, flat_b))
 
 
 @pytest.mark.parametrize("open_clip", [False, True], ids=["sd1_clip", "sd2_open_clip"])
