@@ -1,20 +1,19 @@
 """Orbax checkpoints of a training run: asynchronous saves, keep-the-last-K, and a restore that
 survives a damaged newest checkpoint.
 
-A step is written to a temporary folder and renamed when complete, so a process killed mid-save
-leaves no half-written step under a real step name. A newest step that cannot be read (a corrupt
-file, a truncated array) is moved aside to `<step>.unreadable` with a warning, never deleted, and
-the previous one is used.
+Orbax finalises a step only when it is complete (on a local disk by renaming a temporary folder; on
+`gs://` by a commit marker file), so a process killed mid-save leaves no half-written step under a
+real step name. A newest step that cannot be read (a corrupt file, a truncated array) is moved
+aside to `<step>.unreadable` with a warning, never deleted, and the previous one is used.
 """
 
-import shutil
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from jdiff import paths
 from jdiff.errors import CheckpointError
 
 
@@ -40,11 +39,12 @@ _SINGLE_HOST_SAVING: list = []  # the handler once registered (once per process)
 
 
 class Checkpoints:
-    """The checkpoints of one training stage, in `directory/<step>/`."""
+    """The checkpoints of one training stage, in `directory/<step>/` (a local folder or `gs://`)."""
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
         _single_host_array_saving()
-        self.directory = Path(directory).resolve()
+        directory = paths.as_path(directory)
+        self.directory = directory.resolve() if paths.is_local(directory) else directory  # orbax: absolute
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -73,12 +73,11 @@ class Checkpoints:
                 if "tree structures do not match" in str(error):  # a different model, not damage
                     raise CheckpointError(f"checkpoint step {step} in {self.directory} holds a differently "
                                           f"shaped train state: {str(error)[:300]}") from None
-                aside = self.directory / f"{step}.unreadable"
+                aside = paths.unused_name(self.directory, f"{step}.unreadable")  # never over an earlier one
                 warnings.warn(f"checkpoint step {step} in {self.directory} cannot be read "
                               f"({type(error).__name__}: {str(error)[:200]}); it was moved to {aside.name} and the "
                               f"previous checkpoint is used.", stacklevel=2)
-                shutil.rmtree(aside, ignore_errors=True)
-                (self.directory / str(step)).rename(aside)
+                paths.move_tree(self.directory / str(step), aside)
                 self.manager.reload()
         return None
 

@@ -8,11 +8,9 @@ implies, so every tensor is checked for presence and shape against the config.
 
 import dataclasses
 import json
-import os
 import re
 import tempfile
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -22,7 +20,9 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
+from jdiff import paths
 from jdiff.errors import CheckpointError
+from jdiff.paths import Path
 
 # PyTorch ModuleLists: Flax names their items `name_i`, PyTorch keys them `name.i`.
 _LIST_MODULES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
@@ -63,7 +63,7 @@ def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int
 
 
 def _require_folder(folder) -> Path:
-    folder = Path(folder)
+    folder = paths.as_path(folder)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist.")
     if not folder.is_dir():
@@ -135,7 +135,8 @@ def read_state_dict(folder, variant: str | None = None) -> dict[str, np.ndarray]
         if not path.is_file():
             raise CheckpointError(f"weight file {str(path)!r} (named in the index) is missing.")
         try:
-            tensors = safetensors.numpy.load_file(str(path))
+            with paths.local_copy(path) as local:  # safetensors memory-maps a local file
+                tensors = safetensors.numpy.load_file(str(local))
         except Exception as e:  # safetensors raises several types for truncated or garbled files
             raise CheckpointError(f"weight file {str(path)!r} is corrupt or unreadable: {e}") from None
         state.update((_modern_key(k), v) for k, v in tensors.items())
@@ -183,25 +184,11 @@ def state_dict_from_params(params) -> dict[str, np.ndarray]:
     return {torch_key(p): np.ascontiguousarray(to_torch_layout(p, np.asarray(v))) for p, v in flat.items()}
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Writes through a temporary file and a rename, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_folder(folder, config: dict, state: dict[str, np.ndarray], weights_name: str) -> None:
-    folder = Path(folder)
+    folder = paths.as_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    write_atomically(folder / weights_name,
-                      lambda p: safetensors.numpy.save_file(state, p, metadata={"format": "pt"}))
+    paths.write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    paths.write_file(folder / weights_name, lambda p: safetensors.numpy.save_file(state, p, metadata={"format": "pt"}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +389,7 @@ def load_vae_upcast(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, varia
     """AutoencoderKL as the SDXL, SD3 and Flux pipelines run it: where its config says
     `force_upcast` (the VAE overflows in float16/bfloat16) it computes in float32 whatever `dtype`
     says."""
-    force_upcast = read_json(Path(folder) / "config.json").get("force_upcast", True)
+    force_upcast = read_json(paths.as_path(folder) / "config.json").get("force_upcast", True)
     return load_vae(folder, dtype=jnp.float32 if force_upcast else dtype, param_dtype=param_dtype, variant=variant,
                     state=state)
 
@@ -432,7 +419,7 @@ def save_t5_encoder(module, params, folder) -> None:
 
 
 def load_tokenizer(folder, max_length: int = 77):
-    """`transformers.CLIPTokenizer` from a local `tokenizer/` folder: vocab.json + merges.txt (the
+    """`transformers.CLIPTokenizer` from a `tokenizer/` folder: vocab.json + merges.txt (the
     slow format of released checkpoints) or tokenizer.json (what transformers 5 writes)."""
     from transformers import CLIPTokenizer
 
@@ -441,15 +428,27 @@ def load_tokenizer(folder, max_length: int = 77):
     if not has_bpe_files and not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"tokenizer folder {str(folder)!r} has neither vocab.json + merges.txt "
                               f"nor tokenizer.json.")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with paths.local_copy(folder) as local:  # transformers reads local files only
+        tokenizer = CLIPTokenizer.from_pretrained(str(local), local_files_only=True)
     if len(tokenizer) < 3:
         raise CheckpointError(f"tokenizer in {str(folder)!r} loaded with an empty vocabulary.")
     tokenizer.model_max_length = max_length
     return tokenizer
 
 
+def save_tokenizer(tokenizer, folder) -> None:
+    """`tokenizer.save_pretrained(folder)` for any folder: transformers writes local files only."""
+    folder = paths.as_path(folder)
+    if paths.is_local(folder):
+        tokenizer.save_pretrained(str(folder))
+        return
+    with tempfile.TemporaryDirectory(prefix="jdiff-tokenizer-") as local:
+        tokenizer.save_pretrained(local)
+        paths.copy_tree(local, folder)
+
+
 def load_t5_tokenizer(folder, max_length: int = 256):
-    """`transformers.T5TokenizerFast` from a local folder with tokenizer.json (as SD3's
+    """`transformers.T5TokenizerFast` from a folder with tokenizer.json (as SD3's
     `tokenizer_3/` and Flux's `tokenizer_2/` ship it). max_length: the pipeline's
     `max_sequence_length` (diffusers: 256 for SD3, 512 for Flux-dev, 256 for Flux-schnell)."""
     from transformers import T5TokenizerFast
@@ -459,6 +458,7 @@ def load_t5_tokenizer(folder, max_length: int = 256):
         only_spiece = " (it has spiece.model only; re-save it with transformers' T5TokenizerFast)" \
             if (folder / "spiece.model").is_file() else ""
         raise CheckpointError(f"T5 tokenizer folder {str(folder)!r} has no tokenizer.json{only_spiece}.")
-    tokenizer = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    with paths.local_copy(folder) as local:
+        tokenizer = T5TokenizerFast.from_pretrained(str(local), local_files_only=True)
     tokenizer.model_max_length = max_length
     return tokenizer

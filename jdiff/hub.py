@@ -2,19 +2,20 @@
 never downloads, but reads what `hf download` (or diffusers/transformers) already put there."""
 
 import re
-from pathlib import Path
 
+from jdiff import paths
 from jdiff.errors import CheckpointError
+from jdiff.paths import Path
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve(source, *, revision: str | None = None, cache_dir=None) -> Path:
-    """`source` itself when it exists on disk; otherwise, when it reads as a repo id, the folder of
+    """`source` itself when it exists (on disk or in an object store: `gs://...`); otherwise, when it reads as a repo id, the folder of
     that repo's snapshot (at `revision`: a branch, tag or commit; default main) in the Hugging Face
     cache (`cache_dir`, default $HF_HUB_CACHE or ~/.cache/huggingface/hub)."""
-    path = Path(source)
-    if path.exists() or not _REPO_ID.fullmatch(str(source)):
+    path = paths.as_path(source)
+    if not paths.is_local(path) or path.exists() or not _REPO_ID.fullmatch(str(source)):
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError

@@ -1,15 +1,17 @@
 """Reading input images and writing PNGs that carry their generation parameters."""
 
+import io
 import json
 import math
 import re
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from jdiff import paths
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 
 
 def load_image(path, mode: str = "RGB") -> np.ndarray:
@@ -18,7 +20,7 @@ def load_image(path, mode: str = "RGB") -> np.ndarray:
     if not path.is_file():
         raise ConfigError(f"image {str(path)!r} does not exist.")
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as file, Image.open(file) as image:
             return np.asarray(image.convert(mode), np.float32) / 255.0
     except (OSError, SyntaxError) as e:
         raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
@@ -101,8 +103,8 @@ def parse_a1111_parameters(text: str) -> dict:
 def save_png(path, image: np.ndarray, parameters: Mapping) -> None:
     """Writes image [H, W, 3] in [0, 1] with its generation parameters in two text chunks:
     `parameters`, in the text form other tools read (`a1111_parameters`), and `jdiff`, every setting
-    as JSON. (No chunk named `prompt`: ComfyUI reads that one as its own JSON graph.) Written to a
-    temporary name first, so an interrupted run never leaves a truncated file under the final name."""
+    as JSON. (No chunk named `prompt`: ComfyUI reads that one as its own JSON graph.) Written in one
+    piece (`paths.write_bytes`), so an interrupted run never leaves a truncated file under the final name."""
     path = Path(path)
     pixels = to_uint8(image)
     info = PngImagePlugin.PngInfo()
@@ -110,9 +112,9 @@ def save_png(path, image: np.ndarray, parameters: Mapping) -> None:
     if text is not None:
         info.add_itxt("parameters", text)  # international text: prompts need not be Latin-1
     info.add_itxt("jdiff", json.dumps(dict(parameters), default=str, ensure_ascii=False))
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray(pixels).save(partial, format="PNG", pnginfo=info)
-    partial.replace(path)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, format="PNG", pnginfo=info)
+    paths.write_bytes(path, encoded.getvalue())
 
 
 def read_png_parameters(path) -> dict:
@@ -121,7 +123,7 @@ def read_png_parameters(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"image {str(path)!r} does not exist.")
-    with Image.open(path) as image:
+    with path.open("rb") as file, Image.open(file) as image:
         # Chunks before the pixel data (where jdiff and A1111 write theirs) are read at open; `.text`
         # decodes the whole image to reach any after it, so it is the fallback.
         text = {k: v for k, v in image.info.items() if isinstance(v, str)}

@@ -7,12 +7,12 @@ samplers turn them into device arrays once per call.
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from jdiff.errors import CheckpointError, ConfigError
+from jdiff.paths import Path
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")

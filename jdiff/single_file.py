@@ -15,13 +15,13 @@ table of (original prefix, diffusers prefix) pairs, so it holds for any SD-shape
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
 
-from jdiff import hub
+from jdiff import hub, paths
 from jdiff.errors import CheckpointError
+from jdiff.paths import Path
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 OPEN_CLIP = TEXT + "model."  # SD 2.x
@@ -59,7 +59,8 @@ def read(path: Path) -> dict[str, np.ndarray]:
             "sd = sd.get('state_dict', sd); "
             f"safetensors.torch.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"")
     try:
-        return safetensors.numpy.load_file(str(path))
+        with paths.local_copy(path) as local:
+            return safetensors.numpy.load_file(str(local))
     except Exception as e:  # safetensors raises several types for truncated or garbled files
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
 
@@ -258,7 +259,7 @@ def load(path, *, config=None, dtype, param_dtype, revision: str | None = None, 
     from jdiff.models.unet import UNetConfig
     from jdiff.models.vae import VAEConfig
 
-    path = Path(path)
+    path = paths.as_path(path)
     state = read(path)
     kind, _ = model_type(state)
     folder = config_folder(state, config, revision, cache_dir)

@@ -10,7 +10,6 @@ import functools
 import json
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from jdiff import sharding
 from jdiff.checkpoint import Checkpoints
 from jdiff.errors import TrainingError
+from jdiff.paths import Path
 from jdiff.preemption import Preempted, StopOnSignal
 
 
@@ -114,6 +114,9 @@ class _Logger:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
+            from jdiff import tensorboard_objects
+
+            tensorboard_objects.register(workdir / "tensorboard")
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
         self.stage = stage
 

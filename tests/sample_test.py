@@ -8,7 +8,7 @@ from PIL import Image
 
 import jdiff
 import sample
-from jdiff import image_io
+from jdiff import image_io, paths
 from jdiff.app import prompts
 from jdiff.errors import ConfigError
 
@@ -106,7 +106,7 @@ def test_a_rerun_after_an_interruption_writes_what_an_uninterrupted_run_writes(m
 
     def save_then_stop(path, image, parameters):
         if len(written) == 6:
-            (path.parent / (path.name + ".partial")).write_bytes(b"\x89PNG truncated")
+            paths.temporary_name(path).write_bytes(b"\x89PNG truncated")
             raise KeyboardInterrupt
         save_png(path, image, parameters)
         written.append(path.name)

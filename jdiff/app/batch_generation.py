@@ -3,7 +3,6 @@ each batch finishes, resuming an interrupted run, progress, and the compile time
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ from jdiff.app import sample_outputs
 from jdiff.app.prompts import Job
 from jdiff.batching import padded_batches
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 from jdiff.pipeline import Pipeline, generate
 
 _compile_seconds = [0.0]

@@ -8,10 +8,10 @@ vocab.json + merges.txt, the files of released checkpoints, so `transformers.CLI
 
 import json
 import re
-from pathlib import Path
 from typing import Iterable
 
 from jdiff.convert import load_tokenizer
+from jdiff.paths import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -8,13 +8,13 @@ the pipeline's default sampler: here config.sample's). data.cache_latents is ign
 pictures of a DreamBooth run are encoded at every step.
 """
 
-from pathlib import Path
 
 from jdiff import distributed, image_io
 from jdiff.data.image_folder import IMAGE_EXTENSIONS, ImageFolder
 from jdiff.data.prior_preservation import InstancePromptSource, PriorPreservationSource
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline
+from jdiff.paths import Path
 
 
 def enabled(config) -> bool:

@@ -2,10 +2,10 @@
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Optional
 
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
 """
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,12 +19,13 @@ import numpy as np
 from jdiff import convert, distributed, families, samplers, schedules, sharding, train_lib
 from jdiff.app import dreambooth, shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
-from jdiff.app.shapes_tfds import load_shapes
+from jdiff.app.shapes_tfds import default_data_dir, load_shapes
 from jdiff.data import decode_example, encode_conditioning, encode_source, make_loader, to_model_range
 from jdiff.data.image_folder import ImageFolder
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
+from jdiff.paths import Path
 
 STAGES = ("vae", "diffusion")
 
@@ -34,7 +34,7 @@ def data_sources(config, workdir: Path):
     """(train source, test source or None) of the configured dataset."""
     data = config.data
     if data.dataset == "shapes":
-        data_dir = Path(data.data_dir or workdir / "data")
+        data_dir = data.data_dir or default_data_dir(workdir)
         kw = dict(resolution=data.resolution, num_train=data.num_train, num_test=data.num_test, seed=config.seed)
         # Built once, by process 0, into a data_dir that every process can read.
         return distributed.main_first("shapes dataset", lambda: (load_shapes(data_dir, "train", **kw),

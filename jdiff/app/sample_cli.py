@@ -3,7 +3,6 @@
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import jdiff
 from jdiff import distributed, image_io
 from jdiff.app import batch_generation, prompts
 from jdiff.errors import CheckpointError, ConfigError
+from jdiff.paths import Path
 
 
 def parse_args(argv=None):

@@ -10,13 +10,13 @@ record (`run.json`) stops a different command from mixing its images into the fo
 import hashlib
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from jdiff import image_io
+from jdiff import image_io, paths
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 
 RECORD = "run.json"
 MANIFEST = "manifest.jsonl"
@@ -37,16 +37,16 @@ def run_record(model: str, jobs, batch_size: int, settings: dict) -> dict:
     return json.loads(json.dumps(record, default=str, ensure_ascii=False))  # as the file will read back
 
 
-_IMAGE_FILE = re.compile(r"\d{5,}\.png(\.partial)?")  # image_name(i), and its temporary name while written
+_IMAGE_FILE = re.compile(r"\.?(\d{5,})\.png(\.partial)?")  # image_name(i), and its temporary name while written
 
 
 def _own_files(out: Path, count: int):
     """The files a run of `count` images writes: never anything else a user keeps in the folder
     (a photo named 20240101.png included, unless a run had that many images)."""
-    names = {RECORD, RECORD + ".partial", MANIFEST, GRID}
+    names = {name for own in (RECORD, MANIFEST, GRID) for name in (own, paths.temporary_name(out / own).name)}
     for path in out.iterdir():
         match = _IMAGE_FILE.fullmatch(path.name)
-        if path.is_file() and (path.name in names or match and int(path.name.split(".")[0]) < count):
+        if path.is_file() and (path.name in names or match and int(match[1]) < count):
             yield path
 
 
@@ -68,9 +68,7 @@ def prepare(out: Path, record: dict, overwrite: bool) -> None:
             changed = sorted(k for k in record.keys() | earlier.keys() if record.get(k) != earlier.get(k))
             raise ConfigError(f"{out} holds images of a different run (it differs in {', '.join(changed)}); "
                               f"pass --overwrite to replace them, or choose another --out.")
-    partial = out / (RECORD + ".partial")
-    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    partial.replace(out / RECORD)
+    paths.write_text(out / RECORD, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 def _read_record(out: Path) -> dict | None:
@@ -101,16 +99,17 @@ def written_entry(out: Path, index: int) -> dict:
     """The manifest entry of an image already on disk, from its own metadata: the same as the one
     written when it was generated."""
     path = out / image_name(index)
-    with Image.open(path) as image:
+    with path.open("rb") as file, Image.open(file) as image:
         width, height = image.size
     return manifest_entry(index, image_io.read_png_parameters(path), height, width)
 
 
 class Manifest:
-    """manifest.jsonl, one JSON line per image in index order, flushed batch by batch."""
+    """manifest.jsonl, one JSON line per image in index order, flushed batch by batch (on an object
+    store it appears when closed: objects cannot be appended to)."""
 
     def __init__(self, out: Path):
-        self._file = open(out / MANIFEST, "w", encoding="utf-8")  # rewritten: the images on disk are the truth
+        self._file = (out / MANIFEST).open("w", encoding="utf-8")  # rewritten: the images on disk are the truth
 
     def add(self, entries: list[dict]) -> None:
         for entry in entries:

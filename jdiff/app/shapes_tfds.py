@@ -13,14 +13,16 @@ decode about 5,000 examples/s, and the grain loader delivers about 3,000 example
 
 import dataclasses
 import io
-from pathlib import Path
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jdiff import paths
 from jdiff.app import shapes
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,6 +103,15 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
             yield index, example
 
 
+def default_data_dir(workdir) -> Path:
+    """<workdir>/data; for a workdir in an object store, a local cache folder instead
+    ($JDIFF_DATA_DIR, default ~/.cache/jdiff/data): grain reads array_record files from local disks
+    only, and the set is a pure function of its config, so each host can build its own copy."""
+    if paths.is_local(workdir):
+        return Path(workdir) / "data"
+    return Path(os.environ.get("JDIFF_DATA_DIR") or os.path.expanduser("~/.cache/jdiff/data"))
+
+
 def load_shapes(data_dir, split: str = "train", resolution: int = 32, num_train: int = 10_000,
                 num_test: int = 1_000, seed: int = 0):
     """A random-access source over one split (len, and [i] -> dict of numpy values; the caption is
@@ -113,6 +124,11 @@ def load_shapes(data_dir, split: str = "train", resolution: int = 32, num_train:
     """
     if split not in shapes.SPLITS:
         raise ConfigError(f"unknown shapes split {split!r}; expected one of {shapes.SPLITS}.")
+    if not paths.is_local(data_dir):
+        raise ConfigError(f"shapes data_dir {str(data_dir)!r} is not on a local filesystem: grain reads "
+                          f"array_record files from local disks only. Leave data.data_dir empty (a workdir in an "
+                          f"object store builds the set in $JDIFF_DATA_DIR or ~/.cache/jdiff/data) or name a "
+                          f"local folder.")
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise ConfigError(f"shapes data_dir {str(data_dir)!r} exists and is not a directory.")

@@ -17,12 +17,13 @@ script records the same two pairs); families without it ignore them.
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from jdiff import paths
 from jdiff.errors import ConfigError
+from jdiff.paths import Path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
@@ -34,7 +35,7 @@ def _open_rgb(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, int]
     """Decoded RGB image, upright per its EXIF orientation, and the upright picture's full
     (height, width); transparent areas become white. The size is read before `draft`, which may
     decode a JPEG at a fraction of its size: the picture's true size is what SDXL conditions on."""
-    with Image.open(path) as image:
+    with path.open("rb") as file, Image.open(file) as image:
         width, height = image.size
         if image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS:
             width, height = height, width
@@ -91,8 +92,7 @@ def _from_metadata(root: Path, caption_column: str) -> list[tuple[Path, str]]:
 
 
 def _from_text_files(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str]]:
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    images = sorted(p for p in paths.visible_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
     entries = []
     for image in images:
         text = image.with_suffix(".txt")

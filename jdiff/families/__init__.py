@@ -10,15 +10,15 @@ tokenizing, encoding prompts, calling the denoiser) and list it in FAMILIES. `ge
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
+import os
 
 import jax.numpy as jnp
 
-from jdiff import hub, single_file
+from jdiff import hub, paths, single_file
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import flux, stable_diffusion, stable_diffusion_3, stable_diffusion_xl
 from jdiff.families.base import Family, Pipeline
+from jdiff.paths import Path
 
 FAMILIES = {f.name: f for f in (stable_diffusion.FAMILY, stable_diffusion_xl.FAMILY, stable_diffusion_3.FAMILY,
                                  flux.FAMILY)}
@@ -81,28 +81,23 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant
 
 def save_pipeline(pipe: Pipeline, folder) -> None:
     """Writes `pipe` as a diffusers pipeline folder (which `load_pipeline`, sample.py and diffusers'
-    `from_pretrained` read). Written beside the target and swapped in when complete, so an
-    interruption never leaves a half-written model under the final name."""
+    `from_pretrained` read), local or in an object store (`gs://`). An interruption never leaves a
+    half-written model that looks whole: it is written beside the target and swapped in when
+    complete, or on an object store written in place with model_index.json last
+    (`paths.replace_folder`)."""
     if pipe.adapters:  # a diffusers pipeline folder has no place for them: never drop them silently
         raise ConfigError(f"this pipeline has unmerged LoRA adapters ({', '.join(pipe.adapters)}): merge them "
                           f"first (jdiff.fuse_lora) or save them on their own (jdiff.save_lora_weights).")
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    index = pipe.family.save(pipe, partial)
-    (partial / "model_index.json").write_text(json.dumps(index, indent=2))
-    previous = folder.with_name(folder.name + ".previous")
-    if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        folder.rename(previous)
-    partial.rename(folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    def write(staging: Path) -> None:
+        index = pipe.family.save(pipe, staging)
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))  # last: the folder is whole
+
+    paths.replace_folder(folder, write)
 
 
 def build(source, **options) -> Pipeline:
     """A family's components from a diffusers folder (a path) or from a run config (an
     ml_collections config with a `family` field and that family's model sections)."""
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         return load_pipeline(source, **options)
     return get(source.get("family", "stable-diffusion")).from_config(source, **options)

@@ -10,7 +10,6 @@ Sampling is FlowMatchEuler on the pipeline's own levels (linspace(1, 1/n, n)) sh
 grows with the image's token count where the scheduler says `use_dynamic_shifting` (dev).
 """
 
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +19,7 @@ from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import stable_diffusion
 from jdiff.families.base import Family, Pipeline, require_components
 from jdiff.models import flux_transformer
+from jdiff.paths import Path
 from jdiff.schedules import read_scheduler_config, write_scheduler_config
 
 REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -64,8 +64,8 @@ def save(pipe: Pipeline, folder: Path) -> dict:
     convert.save_vae(pipe.vae, pipe.params["vae"], folder / "vae")
     convert.save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], folder / "text_encoder")
     convert.save_t5_encoder(pipe.text_encoder_2, pipe.params["text_encoder_2"], folder / "text_encoder_2")
-    pipe.tokenizers["tokenizer"].save_pretrained(str(folder / "tokenizer"))
-    pipe.tokenizers["tokenizer_2"].save_pretrained(str(folder / "tokenizer_2"))
+    convert.save_tokenizer(pipe.tokenizers["tokenizer"], folder / "tokenizer")
+    convert.save_tokenizer(pipe.tokenizers["tokenizer_2"], folder / "tokenizer_2")
     write_scheduler_config(pipe.scheduler, folder / "scheduler")
     name = pipe.pipeline_class if pipe.pipeline_class in PIPELINE_CLASSES else "FluxPipeline"
     return {"_class_name": name, "transformer": ["diffusers", "FluxTransformer2DModel"],

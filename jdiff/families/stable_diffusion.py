@@ -3,7 +3,6 @@ the U-Net's cross-attention context, a U-Net predicting epsilon, v or x0, and an
 Also LCM-distilled and 9-channel inpainting U-Nets of the same shape."""
 
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from jdiff.families.base import Family, Pipeline
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel, clip_skip_hidden_state
 from jdiff.models.unet import UNet2DConditionModel, UNetConfig
 from jdiff.models.vae import AutoencoderKL, VAEConfig
+from jdiff.paths import Path
 from jdiff.schedules import Scheduler, SchedulerConfig, read_scheduler_config, write_scheduler_config
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -50,7 +50,7 @@ def save(pipe: Pipeline, folder: Path) -> dict:
     convert.save_unet(pipe.unet, pipe.params["unet"], folder / "unet")
     convert.save_vae(pipe.vae, pipe.params["vae"], folder / "vae")
     convert.save_text_encoder(pipe.text_encoder, pipe.params["text_encoder"], folder / "text_encoder")
-    pipe.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    convert.save_tokenizer(pipe.tokenizer, folder / "tokenizer")
     write_scheduler_config(pipe.scheduler, folder / "scheduler")
     # An inpainting U-Net keeps its pipeline class; otherwise the plain text-to-image one.
     name = pipe.pipeline_class if pipe.pipeline_class in PIPELINE_CLASSES else "StableDiffusionPipeline"

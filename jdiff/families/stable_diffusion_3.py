@@ -18,7 +18,6 @@ uses it by default, diffusers users pass it as `max_sequence_length`.
 """
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ from jdiff.families.base import Family, Pipeline, require_components
 from jdiff.models.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
 from jdiff.models.text import CLIPTextModel
 from jdiff.models.vae import AutoencoderKL
+from jdiff.paths import Path
 from jdiff.schedules import Scheduler, SchedulerConfig, read_scheduler_config, write_scheduler_config
 
 CLIP_ENCODERS = (("tokenizer", "text_encoder", "ids"), ("tokenizer_2", "text_encoder_2", "ids_2"))
@@ -97,13 +97,13 @@ def save(pipe: Pipeline, folder: Path) -> dict:
     convert.save_vae(pipe.vae, pipe.params["vae"], folder / "vae")
     for tokenizer_name, encoder_name, _ in CLIP_ENCODERS:
         convert.save_text_encoder(pipe.modules[encoder_name], pipe.params[encoder_name], folder / encoder_name)
-        pipe.tokenizers[tokenizer_name].save_pretrained(str(folder / tokenizer_name))
+        convert.save_tokenizer(pipe.tokenizers[tokenizer_name], folder / tokenizer_name)
         index[encoder_name] = ["transformers", "CLIPTextModelWithProjection"]
         index[tokenizer_name] = ["transformers", "CLIPTokenizer"]
     tokenizer_name, encoder_name, _ = T5_ENCODER
     if encoder_name in pipe.modules:
         convert.save_t5_encoder(pipe.modules[encoder_name], pipe.params[encoder_name], folder / encoder_name)
-        pipe.tokenizers[tokenizer_name].save_pretrained(str(folder / tokenizer_name))
+        convert.save_tokenizer(pipe.tokenizers[tokenizer_name], folder / tokenizer_name)
         index.update({encoder_name: ["transformers", "T5EncoderModel"],
                       tokenizer_name: ["transformers", "T5TokenizerFast"]})
     else:

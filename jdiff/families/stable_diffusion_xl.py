@@ -7,7 +7,6 @@ The refiner has only the second text encoder, and its time ids carry an aestheti
 the target size (model_index.json's `requires_aesthetics_score`).
 """
 
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from jdiff import convert
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import stable_diffusion
 from jdiff.families.base import Family, Pipeline, require_components
+from jdiff.paths import Path
 from jdiff.schedules import read_scheduler_config, write_scheduler_config
 
 # The pairs of (tokenizer, text encoder) in the order their hidden states are concatenated.
@@ -70,7 +70,7 @@ def save(pipe: Pipeline, folder: Path) -> dict:
             continue
         module = pipe.modules[encoder_name]
         convert.save_text_encoder(module, pipe.params[encoder_name], folder / encoder_name)
-        pipe.tokenizers[tokenizer_name].save_pretrained(str(folder / tokenizer_name))
+        convert.save_tokenizer(pipe.tokenizers[tokenizer_name], folder / tokenizer_name)
         index[encoder_name] = ["transformers", "CLIPTextModelWithProjection" if module.config.with_projection
                                else "CLIPTextModel"]
         index[tokenizer_name] = ["transformers", "CLIPTokenizer"]

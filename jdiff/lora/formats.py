@@ -9,15 +9,16 @@ included. Every key must land on a layer of the pipeline: the rest is an error l
 
 import json
 import re
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jdiff import paths
 from jdiff.errors import CheckpointError
 from jdiff.lora import names as lora_names
+from jdiff.paths import Path
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
@@ -41,7 +42,7 @@ _UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_w1"
 
 def lora_file(path) -> Path:
     """The safetensors file of `path`: the file itself, or the LoRA file of a folder."""
-    path = Path(path)
+    path = paths.as_path(path)
     if path.is_dir():
         files = [path / WEIGHT_NAME] if (path / WEIGHT_NAME).is_file() else sorted(path.glob("*.safetensors"))
         if len(files) != 1:
@@ -59,9 +60,10 @@ def read(path) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, header metadata) of a LoRA file or folder."""
     file = lora_file(path)
     try:
-        tensors = safetensors.numpy.load_file(str(file))
-        with safetensors.safe_open(str(file), "np") as f:
-            metadata = f.metadata() or {}
+        with paths.local_copy(file) as local:
+            tensors = safetensors.numpy.load_file(str(local))
+            with safetensors.safe_open(str(local), "np") as f:
+                metadata = f.metadata() or {}
     except Exception as e:  # truncated or garbled files raise several types
         raise CheckpointError(f"LoRA file {str(file)!r} is corrupt or unreadable: {e}") from None
     return tensors, metadata
@@ -250,12 +252,10 @@ def tensors_kohya(adapter: dict, prefixes: dict[str, str], sgm_unet: bool, param
 
 def write(path, tensors: dict[str, np.ndarray], metadata: dict) -> Path:
     """Writes a LoRA file: `path` itself when it ends in .safetensors, else <path>/pytorch_lora_weights.safetensors."""
-    from jdiff.convert import write_atomically
-
-    path = Path(path)
+    path = paths.as_path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda p: safetensors.numpy.save_file(tensors, p, metadata=metadata))
+    paths.write_file(path, lambda p: safetensors.numpy.save_file(tensors, p, metadata=metadata))
     return path
