@@ -161,3 +161,46 @@ def test_memory_does_not_grow_with_the_number_of_images(model, tmp_path):
         tracemalloc.stop()
     assert stats.images == 2000 and len(list((tmp_path / "out").glob("0*.png"))) == 2000
     assert peak < 8e6, f"peak traced memory {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.slow
+def test_sigkill_part_way_then_the_same_command_writes_what_an_uninterrupted_run_writes(model, tmp_path):
+    """A real kill (no cleanup runs in the killed process), in a subprocess as a user runs it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from compile_flags import xla_flags
+    from tiny_models import ROOT
+
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na green triangle\n")
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
+    if os.environ.get("JDIFF_TEST_COMPILE_CACHE"):
+        env.update(JAX_COMPILATION_CACHE_DIR=os.environ["JDIFF_TEST_COMPILE_CACHE"],
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def command(out):
+        return [sys.executable, str(ROOT / "sample.py"), "--model", str(model), "--prompts-file",
+                str(tmp_path / "prompts.txt"), "--num-images", "40", "--batch-size", "4", "--steps", "2",
+                "--sampler", "euler", "--out", str(out)]
+
+    def run(out):
+        done = subprocess.run(command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    run(tmp_path / "straight")
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and len(list(out.glob("0*.png"))) < 10:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list(out.glob("0*.png")))
+    assert 10 <= written < 120, f"the kill came at {written} of 120 images: not part-way"
+    summary = run(out)
+    assert "kept from an earlier run" in summary
+    assert _folder_bytes(out) == _folder_bytes(tmp_path / "straight")
