@@ -418,6 +418,38 @@ def save_t5_encoder(module, params, folder) -> None:
     save_component(_t5_encoder(), module, params, folder)
 
 
+# ControlNet, a component of its own (diffusers keeps it outside the pipeline folder). Two of its
+# ModuleLists exist in no other model; their items are renamed here, in both directions.
+_CONTROLNET_TORCH_ITEM = re.compile(r"^(controlnet_down_blocks|controlnet_cond_embedding\.blocks)\.(\d+)\.")
+_CONTROLNET_FLAX_ITEM = re.compile(r"^(controlnet_down_blocks|controlnet_cond_embedding\.blocks)_(\d+)\.")
+
+
+def _controlnet() -> Component:
+    from jdiff.models import controlnet
+
+    return Component(
+        class_names=("ControlNetModel",),
+        weights_name="diffusion_pytorch_model.safetensors",
+        parse_config=controlnet.ControlNetConfig.from_dict,
+        build=controlnet.ControlNetModel,
+        example_inputs=controlnet.example_inputs,
+        config_header={"_class_name": "ControlNetModel", "_diffusers_version": "0.42.1"},
+        canonical_keys=lambda state: {_CONTROLNET_TORCH_ITEM.sub(r"\1_\2.", k): v for k, v in state.items()},
+    )
+
+
+def load_controlnet(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
+    """ControlNet (SD 1.x/2.x or SDXL) from a diffusers ControlNetModel folder. options: e.g.
+    `gradient_checkpointing=True`."""
+    return load_component(_controlnet(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
+
+
+def save_controlnet(module, params, folder) -> None:
+    kind = _controlnet()
+    state = {_CONTROLNET_FLAX_ITEM.sub(r"\1.\2.", k): v for k, v in state_dict_from_params(params).items()}
+    write_folder(folder, {**kind.config_header, **module.config.to_dict()}, state, kind.weights_name)
+
+
 def load_tokenizer(folder, max_length: int = 77):
     """`transformers.CLIPTokenizer` from a `tokenizer/` folder: vocab.json + merges.txt (the
     slow format of released checkpoints) or tokenizer.json (what transformers 5 writes)."""

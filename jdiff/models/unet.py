@@ -3,10 +3,12 @@
 Call: `unet.apply({"params": p}, x[B,H,W,C], t[B], context[B,L,D])` -> prediction [B,H,W,C_out].
 SDXL (addition_embed_type="text_time") also takes
 `added_cond={"text_embeds": pooled[B,P], "time_ids": ids[B,K]}`, diffusers' `added_cond_kwargs`.
+A ControlNet's outputs enter through `down_block_additional_residuals` (one per skip) and
+`mid_block_additional_residual`.
 """
 
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -124,18 +126,22 @@ class UNetConfig:
         entry = self.per_block("transformer_layers_per_block")[-1]
         return entry[0] if isinstance(entry, tuple) else entry
 
-    def _validate_depths(self, source: str) -> None:
+    def _validate_depths(self, source: str, up_blocks: bool) -> None:
         n = self.num_blocks
         down = per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block", source)
         reverse = self.reverse_transformer_layers_per_block
-        if reverse is None and any(isinstance(d, tuple) for d in down):
+        if not up_blocks:
+            reverse = None
+        elif reverse is None and any(isinstance(d, tuple) for d in down):
             raise ConfigError(f"{source}: a nested transformer_layers_per_block (one depth per attention) needs "
                               "reverse_transformer_layers_per_block for the up blocks, as in diffusers.")
         if reverse is not None and (not isinstance(reverse, tuple) or len(reverse) != n):
             raise ConfigError(f"{source}: reverse_transformer_layers_per_block needs one entry per up block "
                               f"({n}), got {reverse!r}.")
-        for up, types, entries in ((False, self.down_block_types, down),
-                                   (True, self.up_block_types[::-1], reverse[::-1] if reverse else down)):
+        paths = [(False, self.down_block_types, down)]
+        if up_blocks:
+            paths.append((True, self.up_block_types[::-1], reverse[::-1] if reverse else down))
+        for up, types, entries in paths:
             for i, (kind, entry) in enumerate(zip(types, entries)):
                 needed = self._attentions(i, up)
                 if kind.startswith("CrossAttn") and isinstance(entry, tuple) and len(entry) < needed:
@@ -152,19 +158,22 @@ class UNetConfig:
                               f"{self.projection_class_embeddings_input_dim} leaves no room for the text embeddings "
                               f"next to time ids of width addition_time_embed_dim {self.addition_time_embed_dim}.")
 
-    def validate(self, source: str) -> None:
+    def validate(self, source: str, up_blocks: bool = True) -> None:
+        """up_blocks=False checks only what the input embeddings, the down blocks and the mid block
+        read: a ControlNet's encoder (see controlnet.ControlNetConfig), which has no up path."""
         n = self.num_blocks
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+        if len(self.down_block_types) != n or (up_blocks and len(self.up_block_types) != n):
             raise ConfigError(f"{source}: {len(self.down_block_types)} down and {len(self.up_block_types)} "
                               f"up block types for {n} block_out_channels.")
-        for kind, allowed in ((self.down_block_types, DOWN_BLOCKS), (self.up_block_types, UP_BLOCKS),
-                              ((self.mid_block_type,), MID_BLOCKS)):
+        kinds = ((self.down_block_types, DOWN_BLOCKS), (self.up_block_types if up_blocks else (), UP_BLOCKS),
+                 ((self.mid_block_type,), MID_BLOCKS))
+        for kind, allowed in kinds:
             for name in kind:
                 if name not in allowed:
                     raise ConfigError(f"{source}: block type {name!r} is not supported; use one of {allowed}.")
         for name in ("layers_per_block", "cross_attention_dim", "only_cross_attention"):
             per_block(getattr(self, name), n, name, source)
-        self._validate_depths(source)
+        self._validate_depths(source, up_blocks)
         heads = per_block(self.num_attention_heads or self.attention_head_dim, n, "attention heads", source)
         groups = self.norm_num_groups
         for channels, h in zip(self.block_out_channels, heads):
@@ -263,6 +272,28 @@ def text_time_input(config: UNetConfig, added_cond: Optional[dict]) -> jax.Array
     ids = layers.timestep_embedding(ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos,
                                     config.freq_shift).reshape(batch, k * config.addition_time_embed_dim)
     return jnp.concatenate([text.astype(jnp.float32), ids], axis=-1)
+
+
+def time_conditioning(config: UNetConfig, batch: int, timesteps: jax.Array, context: jax.Array,
+                      timestep_cond: Optional[jax.Array], added_cond: Optional[dict], dtype: Dtype,
+                      param_dtype: Dtype) -> jax.Array:
+    """The embedding every ResNet receives [B, time_embed_dim]: the timestep's MLP embedding plus the
+    configured addition embedding. Called from a parent's compact method (the U-Net's, a ControlNet's):
+    its layers, `time_embedding` and `add_embedding`, become the parent's, named as in diffusers."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    c0 = config.block_out_channels[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    temb = layers.timestep_embedding(timesteps, c0, config.flip_sin_to_cos, config.freq_shift).astype(dtype)
+    time_embedding = layers.TimestepEmbedding(config.time_embed_dim, config.act_fn, name="time_embedding", **kw)
+    temb = time_embedding(temb, timestep_cond)
+    if config.addition_embed_type == "text":
+        temb = temb + TextTimeEmbedding(config.time_embed_dim, config.addition_embed_type_num_heads,
+                                        name="add_embedding", **kw)(context.astype(dtype))
+    elif config.addition_embed_type == "text_time":
+        # diffusers builds add_embedding with its default SiLU, whatever the config's act_fn.
+        temb = temb + layers.TimestepEmbedding(config.time_embed_dim, "silu", name="add_embedding", **kw)(
+            text_time_input(config, added_cond).astype(dtype))
+    return temb
 
 
 class AttentionPooling(nn.Module):
@@ -464,6 +495,20 @@ class UpBlock(_Block):
         return x
 
 
+def add_control_residuals(skips: list, down: Optional[Sequence[jax.Array]], mid: Optional[jax.Array]) -> list:
+    """The skips with a ControlNet's residuals added, one to one (a residual may be pooled to
+    [B, 1, 1, C], as global_pool_conditions makes them, and broadcasts)."""
+    if down is None or mid is None:
+        # diffusers ignores a mid residual alone, and reads down residuals without a mid one as a
+        # T2I-Adapter's (added inside the blocks): either would silently differ from a ControlNet.
+        raise ValueError("pass down_block_additional_residuals and mid_block_additional_residual together (a "
+                         "ControlNet returns both); T2I-Adapter residuals are not supported.")
+    if len(down) != len(skips):
+        raise ValueError(f"down_block_additional_residuals has {len(down)} entries, but this U-Net has "
+                         f"{len(skips)} skip connections.")
+    return [skip + jnp.asarray(residual, skip.dtype) for skip, residual in zip(skips, down)]
+
+
 class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: Dtype = jnp.float32
@@ -472,23 +517,17 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
-                 timestep_cond: Optional[jax.Array] = None, added_cond: Optional[dict] = None) -> jax.Array:
+                 timestep_cond: Optional[jax.Array] = None, added_cond: Optional[dict] = None,
+                 down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
+                 mid_block_additional_residual: Optional[jax.Array] = None) -> jax.Array:
+        """down_block_additional_residuals, mid_block_additional_residual: a ControlNet's outputs
+        (controlnet.ControlNetModel), added to the skips and to the mid block's output; both or neither."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(gradient_checkpointing=self.gradient_checkpointing, **kw)
         c0 = cfg.block_out_channels[0]
 
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-        temb = layers.timestep_embedding(timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
-        time_embedding = layers.TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding", **kw)
-        temb = time_embedding(temb, timestep_cond)
-        if cfg.addition_embed_type == "text":
-            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
-                                            name="add_embedding", **kw)(context.astype(self.dtype))
-        elif cfg.addition_embed_type == "text_time":
-            # diffusers builds add_embedding with its default SiLU, whatever the config's act_fn.
-            temb = temb + layers.TimestepEmbedding(cfg.time_embed_dim, "silu", name="add_embedding", **kw)(
-                text_time_input(cfg, added_cond).astype(self.dtype))
+        temb = time_conditioning(cfg, sample.shape[0], timesteps, context, timestep_cond, added_cond, **kw)
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
@@ -499,9 +538,14 @@ class UNet2DConditionModel(nn.Module):
         for i in range(cfg.num_blocks):
             x, block_skips = DownBlock(cfg, i, name=f"down_blocks_{i}", **block_kw)(x, temb, context)
             skips += block_skips
+        control = down_block_additional_residuals is not None or mid_block_additional_residual is not None
+        if control:
+            skips = add_control_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
 
         if cfg.mid_block_type is not None:
             x = MidBlock(cfg, cfg.num_blocks - 1, name="mid_block", **block_kw)(x, temb, context)
+        if control:  # also without a mid block, as diffusers
+            x = x + jnp.asarray(mid_block_additional_residual, x.dtype)
 
         for i in range(cfg.num_blocks):
             index = cfg.num_blocks - 1 - i
