@@ -82,6 +82,15 @@ def from_main(values):
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))
 
 
+def all_processes(flag: bool) -> bool:
+    """True when `flag` is true on every process (every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
 def main_first(name: str, fn):
     """fn() on process 0, then on the others once it has finished: for work that writes shared
     files (building the dataset, writing the tokenizer) and that the others then only read."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import guidance as guidance_lib, lora, samplers, sharding
+from jdiff import control, guidance as guidance_lib, lora, samplers, sharding
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models import vae_tiling as tiling
@@ -59,6 +59,16 @@ def _images(value, name: str, batch: int, channels: int) -> np.ndarray:
     if not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 1:
         raise ConfigError(f"{name} values must be finite and in [0, 1].")
     return array
+
+
+def _image_size(value) -> tuple[int, int]:
+    """(height, width) of an image given as a PIL image or an array [..., H, W, C]."""
+    if hasattr(value, "convert"):
+        return value.size[1], value.size[0]
+    shape = np.shape(value)
+    if len(shape) < 3:
+        raise ConfigError(f"an image must be [H, W, C] or [B, H, W, C], got shape {shape}.")
+    return shape[-3], shape[-2]
 
 
 def _vae_tile(pipe: Pipeline, vae_tiling) -> int:
@@ -113,9 +123,10 @@ def _encode_image(vae, params, images, tile: int):
 
 @functools.partial(jax.jit, static_argnames="static")
 def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale, rescale,
-              image, mask, *, static: _Static):
+              image, mask, controls, *, static: _Static):
     """scale: the guidance scale a model embeds (LCM, Flux-dev); cfg_scale: the classifier-free
-    guidance weight (the same number, except for true CFG on a guidance-embedding model)."""
+    guidance weight (the same number, except for true CFG on a guidance-embedding model).
+    controls: None, or the ControlNets' inputs for each half and their guidance windows (control.py)."""
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
     modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
@@ -147,11 +158,25 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
         else:  # an ordinary model: keep the known region on the noisy trajectory every step
             known = (image_latents, latent_mask, noise)
 
-    if static.use_cfg:
-        negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip)
-        denoise = guidance_lib.classifier_free_guidance(model_fn, cond, negative, cfg_scale, rescale, extra)
-    else:
-        denoise = guidance_lib.unguided(model_fn, cond, extra)
+    negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip) if static.use_cfg else None
+    if controls is not None:  # the control images and scales travel with each half's conditioning
+        cond = {**cond, "control": controls["cond"]}
+        negative = None if negative is None else {**negative, "control": controls["negative"]}
+
+    def guided(cond, negative):
+        if static.use_cfg:
+            return guidance_lib.classifier_free_guidance(model_fn, cond, negative, cfg_scale, rescale, extra)
+        return guidance_lib.unguided(model_fn, cond, extra)
+
+    if controls is None:
+        denoise = guided(cond, negative)
+    else:  # each ControlNet steers only the steps inside its guidance window
+        def denoise(x, t, step):
+            factors = control.keep(step, plan, controls["starts"], controls["ends"])
+            return guided(control.with_keep(cond, factors),
+                          None if negative is None else control.with_keep(negative, factors))(x, t)
+
+        denoise = samplers.step_aware(denoise)
 
     latents = samplers.sample(denoise, x, plan, step_keys, known=known)
     if static.output_latents:
@@ -221,6 +246,11 @@ def generate(
     vae_tiling: Union[bool, int] = False,
     max_sequence_length: Optional[int] = None,
     true_cfg_scale: float = 1.0,
+    control_image=None,
+    controlnet_conditioning_scale: Union[float, Sequence[float]] = 1.0,
+    control_guidance_start: Union[float, Sequence[float]] = 0.0,
+    control_guidance_end: Union[float, Sequence[float]] = 1.0,
+    guess_mode: bool = False,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -262,6 +292,13 @@ def generate(
     true_cfg_scale: classifier-free guidance on top of a model that embeds its guidance scale (Flux's
       `true_cfg_scale`): > 1 runs the negative prompts (required) as the unconditional half with
       this weight, while `guidance` still goes into the model. Traced.
+    control_image: with ControlNets attached (jdiff.load_controlnet), the control image [H, W, 3] or
+      [B, H, W, 3] (or PIL) in [0, 1] at the output size (which it sets by default); a list with one
+      per ControlNet. controlnet_conditioning_scale, control_guidance_start, control_guidance_end:
+      the residuals' weight, and the fractions of the steps between which each ControlNet steers
+      (one value, or one per ControlNet), as diffusers'; guess_mode: ControlNets steer the
+      conditional half only, their shallow residuals weakened (for prompts that say little). All
+      traced: changing them never recompiles.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -329,6 +366,10 @@ def generate(
             raise ConfigError(f"mask is {mask_array.shape[2]}x{mask_array.shape[1]} but the image is "
                               f"{image.shape[2]}x{image.shape[1]}: they must be the same size.")
         mode = "inpaint"
+    if control_image is not None and (height is None or width is None):  # the control image's size
+        first = control_image[0] if isinstance(control_image, (list, tuple)) else control_image
+        control_height, control_width = _image_size(first)
+        height, width = height or control_height, width or control_width
     height, width = height or pipe.default_size, width or pipe.default_size
     if height % f or width % f or height <= 0 or width <= 0:
         raise ConfigError(f"height and width must be positive multiples of {f}, got {height}x{width}.")
@@ -339,6 +380,10 @@ def generate(
         if latents.shape != latent_shape:
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
+    controls = control.control_inputs(pipe, control_image, batch, height, width,
+                                      conditioning_scale=controlnet_conditioning_scale,
+                                      guidance_start=control_guidance_start, guidance_end=control_guidance_end,
+                                      guess_mode=guess_mode, as_images=_images)
     family = pipe.family
     levels_options = family.levels_options(pipe, steps, height, width) if family.levels_options else None
     plan = samplers.make_plan(sampler, pipe.scheduler.config, steps, strength=strength if mode != "text" else 1.0,
@@ -372,6 +417,11 @@ def generate(
     tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
+    if controls is not None:
+        halves = jax.tree.map(lambda a: sharding.put(pad(a), sharded),
+                              (control.conditioning(controls, False), control.conditioning(controls, True)))
+        windows = jax.tree.map(lambda a: sharding.put(a, replicated), (controls.starts, controls.ends))
+        controls = {"cond": halves[0], "negative": halves[1], "starts": windows[0], "ends": windows[1]}
     plan, scale, cfg_scale, rescale = jax.tree.map(
         lambda a: sharding.put(a, replicated),
         (plan, np.float32(guidance), np.float32(cfg_scale), np.float32(guidance_rescale)))
@@ -380,5 +430,5 @@ def generate(
                      output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
     images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale,
-                       rescale, image, mask_array, static=static)
+                       rescale, image, mask_array, controls, static=static)
     return _to_host(images)[:batch]

@@ -58,3 +58,53 @@ def test_two_processes_train_save_restore_and_sample_like_one(tmp_path):
     for stage in ("vae", "diffusion"):
         steps = lambda name: sorted(p.name for p in (tmp_path / name / stage / "checkpoints").iterdir())  # noqa
         assert steps("two") == steps("one")
+
+
+@pytest.mark.slow
+def test_two_processes_split_sample_py_and_its_files_between_them(tmp_path, tiny_sd_folder):
+    """sample.py on two processes (two devices each) into one shared folder: each process writes the
+    PNGs of its own images, and the folder holds what one process with four devices writes."""
+    root = WORKER.parents[1]
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+
+    def command(out):
+        return [sys.executable, str(root / "sample.py"), "--model", str(tiny_sd_folder), "--prompts-file",
+                str(tmp_path / "prompts.txt"), "--num-images", "5", "--batch-size", "4", "--steps", "2",
+                "--sampler", "euler", "--out", str(out)]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}"),
+                "JAX_PLATFORMS": "cpu"}
+
+    one = subprocess.run(command(tmp_path / "one"), env=env(4), capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    def two_processes(outs):
+        address = f"127.0.0.1:{free_port()}"
+        workers = [subprocess.Popen(command(out) + ["--coordinator-address", address, "--num-processes", "2",
+                                                    "--process-id", str(i)],
+                                    env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for i, out in enumerate(outs)]
+        logs = [w.communicate(timeout=900)[0] for w in workers]
+        for worker, log in zip(workers, logs):
+            assert worker.returncode == 0, log[-3000:]
+        return logs
+
+    logs = two_processes([tmp_path / "two", tmp_path / "two"])
+    assert "process 0: wrote 5 of the images" in logs[0]  # 10 images: the even ones ...
+    assert "process 1: wrote 5 of the images" in logs[1]  # ... and the odd ones
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == [f"{i:05d}.png" for i in range(10)] + ["grid.png", "manifest.jsonl", "run.json"]
+    assert (tmp_path / "two" / "manifest.jsonl").read_text() == (tmp_path / "one" / "manifest.jsonl").read_text()
+    from jdiff import image_io
+
+    for name in names:
+        if name.endswith(".png"):
+            np.testing.assert_allclose(image_io.load_image(tmp_path / "two" / name),
+                                       image_io.load_image(tmp_path / "one" / name), atol=1.5 / 255, err_msg=name)
+            assert image_io.read_png_parameters(tmp_path / "two" / name) == \
+                image_io.read_png_parameters(tmp_path / "one" / name)
+    # Hosts that do not share the folder (each its own disk): process 0 writes every file.
+    logs = two_processes([tmp_path / "host0", tmp_path / "host1"])
+    assert "process 0: wrote 10 of the images" in logs[0] and "process 1: wrote 0 of the images" in logs[1]
+    assert sorted(p.name for p in (tmp_path / "host0").iterdir()) == names and not (tmp_path / "host1").exists()

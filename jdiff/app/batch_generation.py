@@ -41,6 +41,7 @@ class RunStats:
     first_batch_seconds: float
     first_batch_images: int = 0
     skipped: int = 0  # already on disk from an earlier run of the same command
+    written: int = 0  # PNGs this process wrote (hosts that share the folder split the writing)
 
     def summary(self) -> str:
         if self.images == 0:
@@ -70,8 +71,10 @@ def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, re
     if refiner is None:
         return generate(pipe, prompts, **kw, **settings)
     latents = generate(pipe, prompts, **kw, **settings, denoising_end=refiner.high_noise_frac, output_type="latent")
-    # The base's LoRA adapters are the base's own: the refiner runs as it is.
-    finish = {k: v for k, v in settings.items() if k not in ("height", "width", "lora_scales")}
+    # The base's LoRA adapters and ControlNets are the base's own: the refiner runs as it is.
+    own = ("height", "width", "lora_scales", "control_image", "controlnet_conditioning_scale",
+           "control_guidance_start", "control_guidance_end", "guess_mode")
+    finish = {k: v for k, v in settings.items() if k not in own}
     return generate(refiner.pipe, prompts, **kw, **{**finish, **refiner.settings}, init_latents=latents,
                     denoising_start=refiner.high_noise_frac)
 
@@ -83,8 +86,13 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     Each PNG's metadata holds its prompt, seed, the scalar settings and `metadata` (e.g. input file
     names). Images are written as each batch finishes and then dropped, so memory does not grow with
     the number of jobs. A rerun of the same command keeps the batches already on disk
-    (`sample_outputs`); `overwrite` starts afresh. Every process generates each batch on its share
-    of the devices; process 0 alone touches `out`, so it need not be shared between hosts."""
+    (`sample_outputs`); `overwrite` starts afresh.
+
+    Several hosts: every process generates each batch on its share of the devices (the prompts of a
+    batch are split over every device of every host). Process 0 checks the folder and writes the
+    run record, the manifest and the grid. When every host sees the folder (a shared file system,
+    `gs://`), each process writes the PNGs of its own images (index % process count ==
+    process index), so encoding and uploading are split too; otherwise process 0 writes them all."""
     out = Path(out)
     main = jax.process_index() == 0
     printable = {key: v for key, v in settings.items() if _printable(v)}
@@ -108,6 +116,10 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     if not decision[0]:
         raise ConfigError(f"process 0 could not use the output folder {out}: see its message.")
     done = decision[1:].astype(bool)
+    # Process 0 has written the run record: every host that can see it shares the folder.
+    shared = distributed.all_processes((out / sample_outputs.RECORD).is_file())
+    processes, process = jax.process_count(), jax.process_index()
+    writes = (lambda index: index % processes == process) if shared else (lambda index: main)
     manifest = sample_outputs.Manifest(out) if main else None
     skipped = sum(real for (_, real), skip in zip(batches, done) if skip)
     start, compile_start = time.perf_counter(), _compile_seconds[0]
@@ -121,20 +133,23 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
             padded = [jobs[i] for i in indices]
             result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
                                     [j.seed for j in padded], settings, refiner)[:real]
-            if main:
-                entries = []
-                for index, image in zip(indices[:real], result):
-                    job = jobs[index]
-                    parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                                  "model": pipe.source, **metadata, **printable}
+            entries = []
+            for index, image in zip(indices[:real], result):
+                job = jobs[index]
+                parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
+                              "model": pipe.source, **metadata, **printable}
+                if writes(index):
                     image_io.save_png(out / sample_outputs.image_name(index), image, parameters)
-                    entries.append(sample_outputs.manifest_entry(index, parameters, *image.shape[:2]))
+                    stats.written += 1
+                entries.append(sample_outputs.manifest_entry(index, parameters, *image.shape[:2]))
+            if main:
                 manifest.add(entries)
             if stats.images == 0:
                 stats.first_batch_seconds = time.perf_counter() - start
                 stats.first_batch_images = real
             stats.images += real
             bar.update(real)
+    distributed.barrier("sample.py images written")  # the grid reads images other hosts wrote
     if main:
         manifest.close()
         sample_outputs.write_grid(out, len(jobs), [j.prompt for j in jobs])

@@ -48,6 +48,18 @@ def parse_args(argv=None):
     p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or folder (diffusers/PEFT or kohya), at SCALE (default 1.0); repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="FOLDER",
+                   help="a diffusers ControlNet folder (SD 1.x/2.x, SDXL); repeatable, one --control-image each")
+    p.add_argument("--control-image", action="append", default=[], metavar="PATH",
+                   help="with --controlnet: its control image (edges, depth, ...) at the output size")
+    p.add_argument("--controlnet-scale", action="append", type=float, default=[], metavar="SCALE",
+                   help="with --controlnet: the weight of its residuals (default 1.0); one for all, or one each")
+    p.add_argument("--control-guidance-start", type=float, default=0.0,
+                   help="with --controlnet: the fraction of the steps after which the ControlNets steer")
+    p.add_argument("--control-guidance-end", type=float, default=1.0,
+                   help="with --controlnet: the fraction of the steps after which they stop")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="with --controlnet: steer the conditional half only (for prompts that say little)")
     p.add_argument("--vae-tiling", nargs="?", const=-1, type=int, metavar="TILE",
                    help="decode (and encode --init-image) in overlapping tiles, as diffusers' enable_vae_tiling: "
                         "for images larger than the VAE's own size; TILE pixels (default: the VAE's sample_size)")
@@ -68,7 +80,7 @@ def parse_args(argv=None):
 def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH' or 'PATH:SCALE' -> (path, scale)."""
     path, _, scale = spec.rpartition(":")
-    if not path:
+    if not path or scale.startswith("//"):  # no scale; "gs://bucket/lora" has a colon of its own
         return spec, 1.0
     try:
         return path, float(scale)
@@ -116,12 +128,26 @@ def main(argv=None) -> int:
             refiner_pipe = jdiff.load_pipeline(args.refiner, dtype=jnp.dtype(args.dtype), variant=args.variant)
             refiner = batch_generation.Refiner(refiner_pipe, args.high_noise_frac,
                                                {"sampler": args.sampler or jdiff.checkpoint_sampling(refiner_pipe)[0]})
+        if args.controlnet or args.control_image:
+            if len(args.control_image) != len(args.controlnet):
+                raise ConfigError(f"{len(args.controlnet)} --controlnet and {len(args.control_image)} --control-image: "
+                                  "give one control image per ControlNet.")
+            if len(args.controlnet_scale) not in (0, 1, len(args.controlnet)):
+                raise ConfigError("--controlnet-scale: give one scale for all ControlNets or one per --controlnet.")
+            pipe = jdiff.load_controlnet(pipe, args.controlnet)
+            scales = args.controlnet_scale or [1.0]
+            settings.update(control_image=[image_io.load_image(path) for path in args.control_image],
+                            controlnet_conditioning_scale=scales * len(args.controlnet) if len(scales) == 1 else scales,
+                            control_guidance_start=args.control_guidance_start,
+                            control_guidance_end=args.control_guidance_end, guess_mode=args.guess_mode)
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
         # Everything else that changes the pixels goes into each PNG and the run record too.
         inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("refiner", args.refiner),
+                                    ("controlnet", args.controlnet), ("control_image", args.control_image),
+                                    ("controlnet_scale", args.controlnet and args.controlnet_scale),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),
                                     ("lora", args.lora), ("revision", args.revision), ("variant", args.variant),
                                     ("model_config", args.model_config)) if v}
@@ -131,6 +157,8 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()}: wrote {stats.written} of the images")
     if jax.process_index() == 0:
         print(stats.summary())
         print(f"{len(jobs)} images, manifest.jsonl and grid.png in {args.out}/")

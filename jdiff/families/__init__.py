@@ -92,6 +92,9 @@ def save_pipeline(pipe: Pipeline, folder) -> None:
         index = pipe.family.save(pipe, staging)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))  # last: the folder is whole
 
+    if any(name.startswith("controlnet") for name in pipe.modules):  # not a component of its pipeline class
+        raise ConfigError("this pipeline has ControlNets attached: save the pipeline loaded without them, and each "
+                          "ControlNet on its own (jdiff.convert.save_controlnet), as diffusers keeps them.")
     paths.replace_folder(folder, write)
 
 

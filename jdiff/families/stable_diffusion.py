@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import convert, guidance as guidance_lib
+from jdiff import control, convert, guidance as guidance_lib
 from jdiff.errors import CheckpointError
 from jdiff.families.base import Family, Pipeline
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel, clip_skip_hidden_state
@@ -175,10 +175,12 @@ def denoiser(modules, params, guidance=None):
         timestep_cond = guidance_lib.guidance_scale_embedding(guidance - 1, unet.config.time_cond_proj_dim)
 
     def model_fn(x, t, cond, extra_channels=None):
+        # ControlNets read the latents alone, also beside an inpainting U-Net (diffusers' layout)
+        residuals = control.unet_residuals(modules, params, x, t, cond["context"], None, cond.get("control"))
         if extra_channels is not None:
             x = jnp.concatenate([x, extra_channels], axis=-1)
         emb = None if timestep_cond is None else jnp.broadcast_to(timestep_cond, (x.shape[0],) + timestep_cond.shape[1:])
-        return unet.apply({"params": params["unet"]}, x, t, cond["context"], emb)
+        return unet.apply({"params": params["unet"]}, x, t, cond["context"], emb, **residuals)
 
     return model_fn
 

@@ -11,7 +11,7 @@ the target size (model_index.json's `requires_aesthetics_score`).
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import convert
+from jdiff import control, convert
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import stable_diffusion
 from jdiff.families.base import Family, Pipeline, require_components
@@ -157,10 +157,11 @@ def denoiser(modules, params, guidance=None):
     unet = modules["unet"]
 
     def model_fn(x, t, cond, extra_channels=None):
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        residuals = control.unet_residuals(modules, params, x, t, cond["context"], added, cond.get("control"))
         if extra_channels is not None:
             x = jnp.concatenate([x, extra_channels], axis=-1)
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added)
+        return unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added, **residuals)
 
     return model_fn
 

@@ -20,7 +20,7 @@ One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (
 """
 
 from jdiff.errors import ConfigError
-from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_noise
+from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_aware, step_noise
 from jdiff.samplers.dpm import DPM_2M, DPM_2M_KARRAS
 from jdiff.samplers.dpm_sde import DPM_2M_SDE, DPM_2M_SDE_KARRAS
 from jdiff.samplers.dpm_single import DPM_SINGLE

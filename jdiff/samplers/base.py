@@ -9,6 +9,7 @@ sampler is a new program.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -149,13 +150,20 @@ def step_noise(keys, i, like):
     return jax.vmap(draw)(keys)
 
 
+def step_aware(model_fn):
+    """Marks model_fn(x, t, step) as wanting the loop's step index (ControlNet's guidance window)."""
+    model_fn.step_aware = True
+    return model_fn
+
+
 def run(sampler: Sampler, model_fn, x, plan: Plan, keys, known=None):
     """The loop of `sample`, with the sampler already looked up."""
     x = x.astype(jnp.float32)
 
     def body(i, carry):
         x, state = carry
-        x, state = sampler.step(model_fn, x, i, plan, state, keys)
+        step_fn = functools.partial(model_fn, step=i) if getattr(model_fn, "step_aware", False) else model_fn
+        x, state = sampler.step(step_fn, x, i, plan, state, keys)
         if known is not None:
             x0, mask, noise = known
             level = i + 1
