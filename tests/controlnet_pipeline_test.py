@@ -195,3 +195,34 @@ def test_sample_py_with_two_controlnets(sd, tiny_sd_folder, tmp_path, capsys):
                                                             str(folders[1]), "--control-image", str(tmp_path / "control0.png")]
     assert sample.main(one_image + ["--overwrite"]) == 2
     assert "one control image per ControlNet" in capsys.readouterr().err
+
+
+def test_sd_controlnet_image_to_image_matches_diffusers(sd, tiny_sd_folder, monkeypatch, one_device):
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline: the guidance window counts the steps that
+    run after `strength` skips the noisiest ones."""
+    import importlib
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    reference, folders = sd
+    noise = latents(seed=10)
+    # The reference's noise is ours, and it encodes the init image by the posterior mean, as jdiff does.
+    module = importlib.import_module("diffusers.pipelines.controlnet.pipeline_controlnet_img2img")
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: noise.clone())
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    controlled = StableDiffusionControlNetImg2ImgPipeline(
+        vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, unet=reference.unet,
+        controlnet=ControlNetModel.from_pretrained(folders[0]), scheduler=reference.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    init, control = control_images(2, seed=8), control_images(2, seed=9)
+    settings = dict(controlnet_conditioning_scale=1.5, control_guidance_start=0.3, control_guidance_end=0.9)
+    expected = controlled(PROMPTS, image=as_torch(init), control_image=as_torch(control), strength=0.75,
+                          num_inference_steps=8, guidance_scale=5.0, output_type="np", **settings).images
+    pipe = jdiff.load_controlnet(jdiff.load_pipeline(tiny_sd_folder), folders[0])
+    ours = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=8, guidance=5.0, init_image=init, strength=0.75,
+                          latents=nchw_to_nhwc(noise), control_image=control, mesh=one_device, **settings)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    uncontrolled = jdiff.generate(jdiff.load_pipeline(tiny_sd_folder), PROMPTS, sampler="ddim", steps=8, guidance=5.0,
+                                  init_image=init, strength=0.75, latents=nchw_to_nhwc(noise), mesh=one_device)
+    assert np.abs(uncontrolled - expected).max() > 3 * TOL
