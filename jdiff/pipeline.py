@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import control, guidance as guidance_lib, lora, samplers, sharding
+from jdiff import control, depth as depth_lib, guidance as guidance_lib, lora, samplers, sharding
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models import vae_tiling as tiling
@@ -123,10 +123,11 @@ def _encode_image(vae, params, images, tile: int):
 
 @functools.partial(jax.jit, static_argnames="static")
 def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale, rescale,
-              image, mask, controls, *, static: _Static):
+              image, mask, controls, depth, *, static: _Static):
     """scale: the guidance scale a model embeds (LCM, Flux-dev); cfg_scale: the classifier-free
     guidance weight (the same number, except for true CFG on a guidance-embedding model).
-    controls: None, or the ControlNets' inputs for each half and their guidance windows (control.py)."""
+    controls: None, or the ControlNets' inputs for each half and their guidance windows (control.py).
+    depth: None, or a depth-to-image U-Net's depth channel [B, h, w, 1] (depth.py)."""
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
     modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
@@ -157,6 +158,8 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
             extra = jnp.concatenate([latent_mask, masked], axis=-1)
         else:  # an ordinary model: keep the known region on the noisy trajectory every step
             known = (image_latents, latent_mask, noise)
+    if depth is not None:  # read beside the latents at every step, as the inpainting channels are
+        extra = depth
 
     negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip) if static.use_cfg else None
     if controls is not None:  # the control images and scales travel with each half's conditioning
@@ -251,6 +254,7 @@ def generate(
     control_guidance_start: Union[float, Sequence[float]] = 0.0,
     control_guidance_end: Union[float, Sequence[float]] = 1.0,
     guess_mode: bool = False,
+    depth_map=None,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -299,6 +303,9 @@ def generate(
       (one value, or one per ControlNet), as diffusers'; guess_mode: ControlNets steer the
       conditional half only, their shallow residuals weakened (for prompts that say little). All
       traced: changing them never recompiles.
+    depth_map: a depth-to-image model's (SD 2 depth) depth estimate of init_image, [H, W] or
+      [B, H, W] in any units (larger = nearer, as DPT/MiDaS give it); brought to the latent size and
+      to [-1, 1] as diffusers' StableDiffusionDepth2ImgPipeline does. jdiff has no depth estimator.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -380,6 +387,17 @@ def generate(
         if latents.shape != latent_shape:
             raise ConfigError(f"latents must have shape {latent_shape} (NHWC), got {latents.shape}.")
 
+    depth = None
+    if depth_map is not None or depth_lib.takes_depth(pipe):
+        if not depth_lib.takes_depth(pipe):
+            raise ConfigError("depth_map is for depth-to-image models (SD 2 depth: a U-Net with one input channel more "
+                              "than the latents); this model takes none.")
+        if depth_map is None:
+            raise ConfigError("this is a depth-to-image model (SD 2 depth): pass depth_map, a depth estimate of "
+                              "init_image (jdiff has no depth estimator; diffusers runs DPT when given none).")
+        if mode != "image" or init_image is None:
+            raise ConfigError("depth-to-image starts from a picture: pass init_image (and no mask).")
+        depth = depth_lib.depth_condition(depth_map, batch, height // f, width // f)
     controls = control.control_inputs(pipe, control_image, batch, height, width,
                                       conditioning_scale=controlnet_conditioning_scale,
                                       guidance_start=control_guidance_start, guidance_end=control_guidance_end,
@@ -412,9 +430,9 @@ def generate(
     sequence = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     tokenize = functools.partial(family.tokenize, pipe, **sequence)
     batch_inputs = ({**tokenize(prompts), **extra}, {**tokenize(negatives), **negative_extra},
-                    _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch))
+                    _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch), depth)
     sharded = sharding.batch_sharding(mesh)
-    tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales = jax.tree.map(
+    tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales, depth = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
     if controls is not None:
@@ -430,5 +448,5 @@ def generate(
                      output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
     images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale,
-                       rescale, image, mask_array, controls, static=static)
+                       rescale, image, mask_array, controls, depth, static=static)
     return _to_host(images)[:batch]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 import jdiff
-from jdiff import distributed, image_io
+from jdiff import depth, distributed, image_io
 from jdiff.app import batch_generation, prompts
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.paths import Path
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--init-image", help="image-to-image: the starting picture")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change")
     p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
+    p.add_argument("--depth-map", help="depth-to-image models (SD 2 depth): a depth estimate of --init-image "
+                   "(.npy, or a greyscale 8/16-bit image; larger = nearer)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA file or folder (diffusers/PEFT or kohya), at SCALE (default 1.0); repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="FOLDER",
@@ -144,8 +146,11 @@ def main(argv=None) -> int:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
             settings["mask"] = image_io.load_image(args.mask, mode="L")
+        if args.depth_map:
+            settings["depth_map"] = depth.read_depth_map(args.depth_map)
         # Everything else that changes the pixels goes into each PNG and the run record too.
-        inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("refiner", args.refiner),
+        inputs = {k: v for k, v in (("init_image", args.init_image), ("mask", args.mask), ("depth_map", args.depth_map),
+                                    ("refiner", args.refiner),
                                     ("controlnet", args.controlnet), ("control_image", args.control_image),
                                     ("controlnet_scale", args.controlnet and args.controlnet_scale),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),

@@ -20,7 +20,8 @@ from jdiff.schedules import Scheduler, SchedulerConfig, read_scheduler_config, w
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # diffusers' pipelines of this family and the step count each runs when given none.
 PIPELINE_CLASSES = {"StableDiffusionPipeline": 50, "StableDiffusionImg2ImgPipeline": 50,
-                    "StableDiffusionInpaintPipeline": 50, "LatentConsistencyModelPipeline": 4}
+                    "StableDiffusionInpaintPipeline": 50, "LatentConsistencyModelPipeline": 4,
+                    "StableDiffusionDepth2ImgPipeline": 50}
 
 
 def load(folder: Path, index: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None,
@@ -54,10 +55,13 @@ def save(pipe: Pipeline, folder: Path) -> dict:
     write_scheduler_config(pipe.scheduler, folder / "scheduler")
     # An inpainting U-Net keeps its pipeline class; otherwise the plain text-to-image one.
     name = pipe.pipeline_class if pipe.pipeline_class in PIPELINE_CLASSES else "StableDiffusionPipeline"
-    return {"_class_name": name, "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", pipe.scheduler.class_name],
-            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    index = {"_class_name": name, "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", pipe.scheduler.class_name],
+             "feature_extractor": [None, None]}
+    if name == "StableDiffusionDepth2ImgPipeline":  # its depth estimator is not jdiff's to write
+        return {**index, "depth_estimator": [None, None]}
+    return {**index, "safety_checker": [None, None], "requires_safety_checker": False}
 
 
 # --- from a run config (training from scratch) ----------------------------------------------------
