@@ -225,3 +225,23 @@ def example(index: int, split: str = "train", resolution: int = 32, seed: int = 
     # not depend on the resolution.
     noise_rng = np.random.default_rng([seed, _split_id(split), index, resolution])
     return {"image": render(placed, resolution, noise_rng), "caption": caption(objects, palette), **labels(objects)}
+
+
+def outline(objects: Sequence[Placed], resolution: int) -> np.ndarray:
+    """float32 [resolution, resolution, 3] in [0, 1]: each object's outline, white on black, where
+    `render` draws it: a control image that fixes where objects are, how big and of what shape, and
+    says nothing of their colour."""
+    side = resolution * SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for placed in objects:
+        x, y, r = placed.x * side, placed.y * side, placed.diameter * side / 2
+        box, width = (x - r, y - r, x + r, y + r), SUPERSAMPLE  # one output pixel wide
+        name = SHAPES[placed.object.shape]
+        if name == "circle":
+            draw.ellipse(box, outline=(255, 255, 255), width=width)
+        elif name == "square":
+            draw.rectangle(box, outline=(255, 255, 255), width=width)
+        else:
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], outline=(255, 255, 255), width=width)
+    return np.asarray(canvas.reduce(SUPERSAMPLE), np.float32) / 255.0

@@ -170,7 +170,8 @@ def conditioning_encoder(pipe: Pipeline, size: int, with_dropped: bool = True):
 def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size: int, caption_dropout: float,
                     train_text_encoder: bool = True, evaluate=None, cached_latents: bool = False,
                     cached_conditioning: bool = False, model_meta: dict | None = None,
-                    lora: lora_training.LoraSpec | None = None, prior_loss_weight: float | None = None) -> Stage:
+                    lora: lora_training.LoraSpec | None = None, prior_loss_weight: float | None = None,
+                    controlnet: bool = False) -> Stage:
     """The family's denoiser (and, with train_text_encoder, its text encoders) learn `objective` on
     noised VAE latents of captioned images.
 
@@ -189,6 +190,10 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
     prior_loss_weight: DreamBooth's prior preservation. Batches hold (instance, class) pairs (a
     `PriorPreservationSource`); the loss is the instance half's mean plus prior_loss_weight times
     the class half's mean, as diffusers' DreamBooth scripts compute it.
+
+    controlnet: train the ControlNet attached to `pipe` (jdiff.control; start it with
+    models.controlnet.from_unet) on batches that also carry "control_image" [B, H, W, 3] in [0, 1];
+    the U-Net, VAE and text encoders stay frozen, as diffusers' train_controlnet.py does.
     """
     family, modules, vae = pipe.family, pipe.modules, pipe.vae
     text_encoders = tuple(n for n in family.text_encoder_names if n in modules)  # SD3 may have no T5
@@ -214,7 +219,14 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         if missing:
             raise ConfigError(f"LoRA training adapts a pretrained model; {', '.join(missing)} have no weights: "
                               f"set config.pretrained.")
-    trained = () if lora is not None else (
+    if controlnet:
+        if "controlnet" not in pipe.params or family.denoiser_name != "unet":
+            raise ConfigError("ControlNet training needs a U-Net pipeline with a ControlNet attached "
+                              "(jdiff.control.load_controlnet, or models.controlnet.from_unet for a new one).")
+        if lora is not None or train_text_encoder or prior_loss_weight is not None:
+            raise ConfigError("ControlNet training keeps the base model frozen: no LoRA, no text encoder "
+                              "training, no prior preservation.")
+    trained = ("controlnet",) if controlnet else () if lora is not None else (
         (family.denoiser_name,) + (trainable_text if train_text_encoder else ()))
     frozen_text = [n for n in text_encoders if n not in trained and n not in pipe.params]
     if frozen_text:
@@ -252,6 +264,10 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         else:
             tokens = drop_captions(dropped, batch["dropped_tokens"], batch["tokens"])
             cond = family.encode_prompts(models, all_params, tokens)
+        if controlnet:  # one ControlNet at full scale; the control image stays when the caption drops
+            batch_size = batch["control_image"].shape[0]
+            cond = {**cond, "control": {"images": (batch["control_image"],), "scales": jnp.ones((batch_size, 1)),
+                                        "guess_mode": jnp.zeros((batch_size,), bool)}}
         model_fn = family.denoiser(models, all_params, objective.guidance)
         loss, per_example = losses.denoising_loss(objective, lambda x, t: model_fn(x, t, cond), x0, t_rng, noise_rng)
         if prior_loss_weight is None:
@@ -267,6 +283,10 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
             return {"image": batch["image"], "prior": batch["prior"],
                     **conditioning_inputs(pipe, batch, size, empty_tokens)}
         inputs = ("latent_mean", "latent_logvar") if cached_latents else ("image",)
+        if controlnet:
+            if "control_image" not in batch:
+                raise ConfigError("ControlNet training: the batches lack control_image (see app/shapes_control.py).")
+            inputs += ("control_image",)
         if cached_conditioning:
             missing = [k for k in ("conditioning",) + (("dropped_conditioning",) if caption_dropout > 0 else ())
                        if k not in batch]
@@ -278,7 +298,7 @@ def diffusion_stage(pipe: Pipeline, objective: losses.Objective, *, latent_size:
         return {**{k: batch[k] for k in inputs}, **conditioning_inputs(pipe, batch, size, empty_tokens)}
 
     frozen = {} if cached_conditioning else {n: pipe.params[n] for n in text_encoders if n not in trained}
-    if lora is not None:
+    if lora is not None or controlnet:
         frozen[family.denoiser_name] = pipe.params[family.denoiser_name]
     if not cached_latents:
         frozen["vae"] = pipe.params["vae"]

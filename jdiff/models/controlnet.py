@@ -238,3 +238,32 @@ class ControlNetModel(nn.Module):
             residuals = [jnp.mean(r, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(r.dtype)
                          for r in residuals]
         return tuple(residuals[:-1]), residuals[-1]
+
+
+# The U-Net parts a new ControlNet starts from (diffusers' `ControlNetModel.from_unet`): the rest (the
+# control image's embedding and the zero convolutions) starts fresh.
+_COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "mid_block")
+
+
+def config_from_unet(unet_config: unet.UNetConfig, **overrides) -> ControlNetConfig:
+    """The ControlNet config that fits `unet_config` (its encoder's fields), with `overrides` (e.g.
+    conditioning_embedding_out_channels for a VAE whose factor is not 8)."""
+    fields = {f.name for f in dataclasses.fields(ControlNetConfig)}
+    shared = {name: getattr(unet_config, name) for name in fields & _UNET_FIELDS}
+    return ControlNetConfig(**{**shared, **overrides})
+
+
+def from_unet(unet_module, unet_params, rng, *, dtype=jnp.float32, param_dtype=jnp.float32, **overrides):
+    """(ControlNetModel, params): a new ControlNet for `unet_module`, its copied parts holding the
+    U-Net's weights (conv_in, time and text-time embeddings, down blocks, mid block), its control
+    embedding initialised afresh and its zero convolutions at zero, so it starts as a no-op."""
+    module = ControlNetModel(config_from_unet(unet_module.config, **overrides), dtype=dtype, param_dtype=param_dtype)
+    fresh = jax.jit(module.init)(rng, *example_inputs(module.config))["params"]
+    shared = {name for name in fresh if name in _COPIED_FROM_UNET or name.startswith("down_blocks_")}
+    copied = {name: unet_params[name] for name in shared if name in unet_params}
+    same = set(copied) == shared and jax.tree.structure(copied) == jax.tree.structure({n: fresh[n] for n in shared})
+    if not same or any(a.shape != b.shape for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(
+            {n: fresh[n] for n in copied}))):
+        raise ConfigError("these U-Net parameters do not fit the U-Net's config: cannot copy them into a ControlNet.")
+    params = {**fresh, **jax.tree.map(lambda a: jnp.asarray(a, param_dtype), copied)}
+    return module, params

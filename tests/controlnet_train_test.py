@@ -1,0 +1,102 @@
+"""ControlNet training: a new ControlNet starts as diffusers' from_unet does (a no-op), trains with the
+base frozen on shapes with their outlines as control images, resumes exactly, and is written as a
+folder diffusers reads."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import jdiff
+from jdiff import control, convert, train_lib
+from jdiff.app import shapes, stages
+from jdiff.app.shapes_control import OutlineControl
+from jdiff.app.shapes_tfds import load_shapes
+from jdiff.configs import tiny
+from jdiff.data import make_loader
+from jdiff.models import controlnet
+from parity import nchw_to_nhwc
+
+WIDTHS = (8, 8, 16, 16)  # three stride-2 convolutions: the tiny VAE's factor 8
+
+
+@pytest.fixture(scope="module")
+def base(tiny_sd_folder):
+    """The tiny SD pipeline with a new ControlNet attached (as jdiff.control names it)."""
+    pipe = jdiff.load_pipeline(tiny_sd_folder)
+    module, params = controlnet.from_unet(pipe.unet, pipe.params["unet"], jax.random.key(0),
+                                          conditioning_embedding_out_channels=WIDTHS)
+    return pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
+
+
+def test_a_new_controlnet_is_diffusers_from_unet_and_changes_nothing(base, tiny_sd_folder, tmp_path, one_device):
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    convert.save_controlnet(base.controlnet, base.params["controlnet"], tmp_path / "cn")
+    ours = ControlNetModel.from_pretrained(tmp_path / "cn").state_dict()
+    reference = ControlNetModel.from_unet(StableDiffusionPipeline.from_pretrained(tiny_sd_folder).unet,
+                                          conditioning_embedding_out_channels=WIDTHS).state_dict()
+    assert ours.keys() == reference.keys()
+    for key in ours:  # the control embedding's convolutions are random in both, its last one zero
+        if not key.startswith("controlnet_cond_embedding.") or key.startswith("controlnet_cond_embedding.conv_out"):
+            assert torch.equal(ours[key], reference[key]), key
+    outline = shapes.outline(shapes.scene(0, "train"), 32)
+    noise = nchw_to_nhwc(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)))
+    plain = jdiff.generate(jdiff.load_pipeline(tiny_sd_folder), "a red circle", steps=3, latents=noise, mesh=one_device)
+    controlled = jdiff.generate(base, "a red circle", steps=3, latents=noise, control_image=outline, mesh=one_device)
+    np.testing.assert_array_equal(controlled, plain)  # zero convolutions: no effect until trained
+
+
+def _train(base, workdir, data_dir, **section):
+    config = tiny.get_config()
+    config.diffusion_train.update(log_every=1, checkpoint_every=2, **section)
+    source = OutlineControl(load_shapes(data_dir, "train", num_train=64, num_test=16), "train", 32)
+    stage = stages.diffusion_stage(base, stages.make_objective(config, base.scheduler), latent_size=4,
+                                   caption_dropout=0.1, train_text_encoder=False, controlnet=True)
+    loader = make_loader(source, batch_size=8, seed=0)
+    return train_lib.train(stage, config.diffusion_train, workdir, loader, total_batch=8)
+
+
+def test_trains_only_the_controlnet_and_resumes_exactly(base, tmp_path, tiny_shapes_dir, one_device):
+    straight = _train(base, tmp_path / "straight", tiny_shapes_dir, steps=4)
+    assert set(straight.state.params) == {"controlnet"}  # the U-Net, VAE and text encoder are frozen
+    trained = jax.device_get(straight.state.params["controlnet"])
+    zero_convs = [trained[k]["kernel"] for k in trained if k.startswith("controlnet_down_blocks")]
+    assert all(np.abs(k).max() > 0 for k in zero_convs)  # the connections left zero
+    first = _train(base, tmp_path / "resumed", tiny_shapes_dir, steps=4, run_steps=2)
+    second = _train(base, tmp_path / "resumed", tiny_shapes_dir, steps=4)
+    assert [h["step"] for h in second.history] == [3, 4]
+    np.testing.assert_allclose([h["loss"] for h in first.history + second.history],
+                               [h["loss"] for h in straight.history], rtol=1e-6)
+
+    # The trained ControlNet, written as diffusers writes one, steers generation once reloaded.
+    convert.save_controlnet(base.controlnet, trained, tmp_path / "trained")
+    pipe = control.load_controlnet(jdiff.load_pipeline(base.source), tmp_path / "trained")
+    outline = shapes.outline(shapes.scene(1, "train"), 32)
+    noise = nchw_to_nhwc(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1)))
+    steered = jdiff.generate(pipe, "a red circle", steps=3, latents=noise, control_image=outline, mesh=one_device)
+    plain = jdiff.generate(jdiff.load_pipeline(base.source), "a red circle", steps=3, latents=noise, mesh=one_device)
+    assert np.abs(steered - plain).max() > 0
+
+
+def test_controlnet_stage_refuses_what_it_cannot_do(base, tiny_sd_folder):
+    config = tiny.get_config()
+    objective = stages.make_objective(config, base.scheduler)
+    with pytest.raises(jdiff.ConfigError, match="ControlNet attached"):
+        stages.diffusion_stage(jdiff.load_pipeline(tiny_sd_folder), objective, latent_size=4, caption_dropout=0.0,
+                               train_text_encoder=False, controlnet=True)
+    with pytest.raises(jdiff.ConfigError, match="frozen"):
+        stages.diffusion_stage(base, objective, latent_size=4, caption_dropout=0.0, train_text_encoder=True,
+                               controlnet=True)
+
+
+def test_outline_control_images_mark_each_object():
+    for index in range(20):
+        placed = shapes.scene(index, "train")
+        edges = shapes.outline(placed, 64)[..., 0] > 0.5
+        assert edges.any()
+        for p in placed:  # every object's outline passes through its bounding box, not its centre
+            x, y, r = p.x * 64, p.y * 64, p.diameter * 32
+            box = edges[int(y - r) - 1:int(y + r) + 2, int(x - r) - 1:int(x + r) + 2]
+            assert box.sum() > 4 * r  # at least about two sides' worth of edge pixels
+            assert not edges[int(y), int(x)]
