@@ -450,6 +450,31 @@ def save_controlnet(module, params, folder) -> None:
     write_folder(folder, {**kind.config_header, **module.config.to_dict()}, state, kind.weights_name)
 
 
+# The CLIP image encoder of IP-Adapter (a pipeline's `image_encoder/`, or the `image_encoder` folder
+# of an IP-Adapter repository), a transformers CLIPVisionModelWithProjection folder.
+def _clip_vision() -> Component:
+    from jdiff.models import clip_vision
+
+    return Component(
+        class_names=(clip_vision.ARCHITECTURE,),
+        weights_name="model.safetensors",
+        parse_config=clip_vision.CLIPVisionConfig.from_dict,
+        build=clip_vision.CLIPVisionModelWithProjection,
+        example_inputs=clip_vision.example_inputs,
+        config_header={},
+    )
+
+
+def load_clip_vision(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):
+    """CLIP image encoder (CLIPVisionModelWithProjection) from a transformers folder; its pixels come
+    from `jdiff.models.clip_preprocess.preprocess`."""
+    return load_component(_clip_vision(), folder, dtype=dtype, param_dtype=param_dtype, variant=variant, **options)
+
+
+def save_clip_vision(module, params, folder) -> None:
+    save_component(_clip_vision(), module, params, folder)
+
+
 def load_tokenizer(folder, max_length: int = 77):
     """`transformers.CLIPTokenizer` from a `tokenizer/` folder: vocab.json + merges.txt (the
     slow format of released checkpoints) or tokenizer.json (what transformers 5 writes)."""

@@ -86,6 +86,9 @@ class CLIPTextOutput:
     hidden_states: Optional[tuple] = None
 
 
+# The encoder modules below read only the transformer fields (hidden_size, intermediate_size,
+# num_attention_heads, num_hidden_layers, hidden_act, layer_norm_eps) that CLIPTextConfig shares
+# with clip_vision.CLIPVisionConfig: the image encoder reuses them, with no mask.
 class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype
