@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import control, depth as depth_lib, guidance as guidance_lib, lora, samplers, sharding
+from jdiff import control, depth as depth_lib, guidance as guidance_lib, ip_adapter, lora, samplers, sharding
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models import vae_tiling as tiling
@@ -123,14 +123,16 @@ def _encode_image(vae, params, images, tile: int):
 
 @functools.partial(jax.jit, static_argnames="static")
 def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale, rescale,
-              image, mask, controls, depth, *, static: _Static):
+              image, mask, controls, depth, image_prompt, *, static: _Static):
     """scale: the guidance scale a model embeds (LCM, Flux-dev); cfg_scale: the classifier-free
     guidance weight (the same number, except for true CFG on a guidance-embedding model).
     controls: None, or the ControlNets' inputs for each half and their guidance windows (control.py).
-    depth: None, or a depth-to-image U-Net's depth channel [B, h, w, 1] (depth.py)."""
+    depth: None, or a depth-to-image U-Net's depth channel [B, h, w, 1] (depth.py).
+    image_prompt: None, or an IP-Adapter's image encoder input and scale per image (ip_adapter.py)."""
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
     modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
+    modules = ip_adapter.with_image_prompt(modules, params)  # unchanged without an IP-Adapter
     cond = family.encode_prompts(modules, params, tokens, static.clip_skip)
     keys = jax.vmap(jax.random.key)(seeds)
     noise_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -162,6 +164,11 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
         extra = depth
 
     negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip) if static.use_cfg else None
+    if image_prompt is not None:  # the image's tokens, and the unconditional half's (from zero embeddings)
+        tokens, empty = ip_adapter.image_tokens(modules, params, image_prompt["pixels"], modules["unet"].dtype)
+        cond = {**cond, "image_prompt": {"tokens": tokens, "scale": image_prompt["scale"]}}
+        if negative is not None:
+            negative = {**negative, "image_prompt": {"tokens": empty, "scale": image_prompt["scale"]}}
     if controls is not None:  # the control images and scales travel with each half's conditioning
         cond = {**cond, "control": controls["cond"]}
         negative = None if negative is None else {**negative, "control": controls["negative"]}
@@ -255,6 +262,8 @@ def generate(
     control_guidance_end: Union[float, Sequence[float]] = 1.0,
     guess_mode: bool = False,
     depth_map=None,
+    ip_adapter_image=None,
+    ip_adapter_scale: Union[float, Sequence[float]] = 1.0,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -306,6 +315,10 @@ def generate(
     depth_map: a depth-to-image model's (SD 2 depth) depth estimate of init_image, [H, W] or
       [B, H, W] in any units (larger = nearer, as DPT/MiDaS give it); brought to the latent size and
       to [-1, 1] as diffusers' StableDiffusionDepth2ImgPipeline does. jdiff has no depth estimator.
+    ip_adapter_image: with an IP-Adapter attached (jdiff.load_ip_adapter), the image prompt: one
+      picture for all prompts or one per prompt (PIL, uint8 or [0, 1] floats, any size);
+      ip_adapter_scale: its weight, one for all or one per prompt (diffusers' set_ip_adapter_scale).
+      Traced: changing it never recompiles.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -398,6 +411,18 @@ def generate(
         if mode != "image" or init_image is None:
             raise ConfigError("depth-to-image starts from a picture: pass init_image (and no mask).")
         depth = depth_lib.depth_condition(depth_map, batch, height // f, width // f)
+    image_prompt = None
+    if ip_adapter_image is not None or ip_adapter.attached(pipe):
+        if not ip_adapter.attached(pipe):
+            raise ConfigError("ip_adapter_image needs an IP-Adapter: attach one with jdiff.load_ip_adapter(pipe, ...).")
+        if ip_adapter_image is None:
+            raise ConfigError("this pipeline has an IP-Adapter attached: pass ip_adapter_image (diffusers fails "
+                              "without one too).")
+        scales = np.broadcast_to(np.asarray(ip_adapter_scale, np.float32), (batch,)) \
+            if np.ndim(ip_adapter_scale) == 0 or np.size(ip_adapter_scale) == batch else None
+        if scales is None:
+            raise ConfigError(f"ip_adapter_scale must be one number or one per prompt ({batch}).")
+        image_prompt = {"pixels": ip_adapter.image_pixels(pipe, ip_adapter_image, batch), "scale": scales.copy()}
     controls = control.control_inputs(pipe, control_image, batch, height, width,
                                       conditioning_scale=controlnet_conditioning_scale,
                                       guidance_start=control_guidance_start, guidance_end=control_guidance_end,
@@ -430,9 +455,10 @@ def generate(
     sequence = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     tokenize = functools.partial(family.tokenize, pipe, **sequence)
     batch_inputs = ({**tokenize(prompts), **extra}, {**tokenize(negatives), **negative_extra},
-                    _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch), depth)
+                    _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch), depth,
+                    image_prompt)
     sharded = sharding.batch_sharding(mesh)
-    tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales, depth = jax.tree.map(
+    tokens, negative_tokens, seeds, noise, image, mask_array, lora_scales, depth, image_prompt = jax.tree.map(
         lambda a: sharding.put(pad(a), sharded), batch_inputs)
     replicated = NamedSharding(mesh, P())
     if controls is not None:
@@ -448,5 +474,5 @@ def generate(
                      output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
     images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale,
-                       rescale, image, mask_array, controls, depth, static=static)
+                       rescale, image, mask_array, controls, depth, image_prompt, static=static)
     return _to_host(images)[:batch]

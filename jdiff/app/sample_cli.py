@@ -62,6 +62,12 @@ def parse_args(argv=None):
                    help="with --controlnet: the fraction of the steps after which they stop")
     p.add_argument("--guess-mode", action="store_true",
                    help="with --controlnet: steer the conditional half only (for prompts that say little)")
+    p.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter .safetensors (SD 1.x/2.x, SDXL): "
+                   "prompt with --ip-adapter-image too")
+    p.add_argument("--image-encoder", metavar="FOLDER", help="with --ip-adapter: its CLIP image encoder folder "
+                   "(CLIPVisionModelWithProjection)")
+    p.add_argument("--ip-adapter-image", metavar="PATH", help="with --ip-adapter: the image prompt")
+    p.add_argument("--ip-adapter-scale", type=float, default=1.0, help="with --ip-adapter: its weight")
     p.add_argument("--vae-tiling", nargs="?", const=-1, type=int, metavar="TILE",
                    help="decode (and encode --init-image) in overlapping tiles, as diffusers' enable_vae_tiling: "
                         "for images larger than the VAE's own size; TILE pixels (default: the VAE's sample_size)")
@@ -142,6 +148,12 @@ def main(argv=None) -> int:
                             controlnet_conditioning_scale=scales * len(args.controlnet) if len(scales) == 1 else scales,
                             control_guidance_start=args.control_guidance_start,
                             control_guidance_end=args.control_guidance_end, guess_mode=args.guess_mode)
+        if args.ip_adapter or args.ip_adapter_image:
+            if not (args.ip_adapter and args.image_encoder and args.ip_adapter_image):
+                raise ConfigError("an image prompt needs --ip-adapter, --image-encoder and --ip-adapter-image.")
+            pipe = jdiff.load_ip_adapter(pipe, args.ip_adapter, image_encoder=args.image_encoder)
+            settings.update(ip_adapter_image=image_io.load_image(args.ip_adapter_image),
+                            ip_adapter_scale=args.ip_adapter_scale)
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
@@ -153,6 +165,8 @@ def main(argv=None) -> int:
                                     ("refiner", args.refiner),
                                     ("controlnet", args.controlnet), ("control_image", args.control_image),
                                     ("controlnet_scale", args.controlnet and args.controlnet_scale),
+                                    ("ip_adapter", args.ip_adapter), ("image_encoder", args.image_encoder),
+                                    ("ip_adapter_image", args.ip_adapter_image),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),
                                     ("lora", args.lora), ("revision", args.revision), ("variant", args.variant),
                                     ("model_config", args.model_config)) if v}

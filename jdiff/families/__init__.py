@@ -92,6 +92,9 @@ def save_pipeline(pipe: Pipeline, folder) -> None:
         index = pipe.family.save(pipe, staging)
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))  # last: the folder is whole
 
+    if "ip_adapter" in pipe.params:
+        raise ConfigError("this pipeline has an IP-Adapter attached: save the pipeline loaded without it (the "
+                          "adapter stays in its own file, as diffusers keeps it).")
     if any(name.startswith("controlnet") for name in pipe.modules):  # not a component of its pipeline class
         raise ConfigError("this pipeline has ControlNets attached: save the pipeline loaded without them, and each "
                           "ControlNet on its own (jdiff.convert.save_controlnet), as diffusers keeps them.")

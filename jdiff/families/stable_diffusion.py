@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import control, convert, guidance as guidance_lib
+from jdiff import control, convert, guidance as guidance_lib, ip_adapter
 from jdiff.errors import CheckpointError
 from jdiff.families.base import Family, Pipeline
 from jdiff.models.text import CLIPTextConfig, CLIPTextModel, clip_skip_hidden_state
@@ -184,7 +184,8 @@ def denoiser(modules, params, guidance=None):
         if extra_channels is not None:
             x = jnp.concatenate([x, extra_channels], axis=-1)
         emb = None if timestep_cond is None else jnp.broadcast_to(timestep_cond, (x.shape[0],) + timestep_cond.shape[1:])
-        return unet.apply({"params": params["unet"]}, x, t, cond["context"], emb, **residuals)
+        return unet.apply({"params": params["unet"]}, x, t, cond["context"], emb, **residuals,
+                          **ip_adapter.unet_kwargs(cond))
 
     return model_fn
 

@@ -11,7 +11,7 @@ the target size (model_index.json's `requires_aesthetics_score`).
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import control, convert
+from jdiff import control, convert, ip_adapter
 from jdiff.errors import CheckpointError, ConfigError
 from jdiff.families import stable_diffusion
 from jdiff.families.base import Family, Pipeline, require_components
@@ -161,7 +161,8 @@ def denoiser(modules, params, guidance=None):
         residuals = control.unet_residuals(modules, params, x, t, cond["context"], added, cond.get("control"))
         if extra_channels is not None:
             x = jnp.concatenate([x, extra_channels], axis=-1)
-        return unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added, **residuals)
+        return unet.apply({"params": params["unet"]}, x, t, cond["context"], added_cond=added, **residuals,
+                          **ip_adapter.unet_kwargs(cond))
 
     return model_fn
 

@@ -1,0 +1,202 @@
+"""IP-Adapter (Ye et al. 2023): an image as a prompt, through decoupled cross-attention.
+
+A CLIP image encoder embeds the picture; the adapter's image projection turns the embedding into a
+few tokens shaped like text tokens; every cross-attention layer of the U-Net attends to them with
+its own key and value projections (`to_k_ip`, `to_v_ip`) and adds that, times a scale, to its
+attention over the text. The U-Net itself is unchanged: a Flax method interceptor adds the term
+around each cross-attention call (as jdiff.lora applies LoRA), so the models know nothing of it.
+
+Files: the IP-Adapter safetensors that diffusers' `load_ip_adapter` reads (`image_proj.*`,
+`ip_adapter.<n>.to_k_ip.weight`, ...), for SD 1.x/2.x and SDXL U-Nets; the image encoder is a
+transformers CLIPVisionModelWithProjection folder. The image tokens and the scale travel with each
+half's conditioning (`cond["image_prompt"]`), so guidance doubles them with the prompts; the
+scale is traced.
+"""
+
+import re
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
+
+from jdiff import convert, paths
+from jdiff.errors import CheckpointError, ConfigError
+from jdiff.families.base import Pipeline
+from jdiff.models import clip_preprocess
+from jdiff.models.attention import dot_product_attention
+
+_SECTIONS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # diffusers' order of the U-Net's layers
+
+
+def cross_attention_paths(unet_params) -> list[str]:
+    """The U-Net's cross-attention layers (Flax paths), in the order diffusers numbers them in
+    IP-Adapter files: down blocks, then up blocks, then the mid block."""
+    found = {"/".join(path[:path.index("attn2") + 1]) for path in traverse_util.flatten_dict(unet_params)
+             if "attn2" in path}
+
+    def order(path: str):
+        parts = path.split("/")
+        return (_SECTIONS[parts[0].rsplit("_", 1)[0] if parts[0] != "mid_block" else "mid_block"],
+                [int(n) for n in re.findall(r"_(\d+)", path)])
+
+    return sorted(found, key=order)
+
+
+def _read(path) -> dict[str, np.ndarray]:
+    path = paths.as_path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(f"IP-Adapter folder {str(path)!r} holds {len(files)} .safetensors files; pass the file.")
+        path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"IP-Adapter file {str(path)!r} does not exist.")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{str(path)!r}: jdiff reads IP-Adapter weights from .safetensors files (convert a .bin "
+                              "with torch.load + safetensors.torch.save_file).")
+    try:
+        with paths.local_copy(path) as local:
+            return safetensors.numpy.load_file(str(local))
+    except Exception as e:  # truncated or garbled files raise several types
+        raise CheckpointError(f"IP-Adapter file {str(path)!r} is corrupt or unreadable: {e}") from None
+
+
+def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
+    """`pipe` with the IP-Adapter of `path` (a .safetensors file as diffusers' load_ip_adapter reads
+    it) and the CLIP image encoder of the folder `image_encoder` attached. Its
+    preprocessor_config.json, if there, sets the image preprocessing (else CLIP's defaults)."""
+    if pipe.family.denoiser_name != "unet":
+        raise ConfigError(f"IP-Adapter adapts a U-Net's cross-attention (SD 1.x/2.x, SDXL); {pipe.family.name} "
+                          "models have none.")
+    state = _read(path)
+    if any(k.startswith("image_proj.latents") or k.startswith("image_proj.layers") for k in state):
+        raise ConfigError("this is an IP-Adapter Plus (a resampler image projection): not supported yet; "
+                          "jdiff reads the plain IP-Adapter (image_proj.proj, image_proj.norm).")
+    needed = ("image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight", "image_proj.norm.bias")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not an IP-Adapter file: it lacks {missing}.")
+    encoder, encoder_params = convert.load_clip_vision(image_encoder, dtype=pipe.unet.dtype)
+    width = int(state["image_proj.norm.weight"].shape[0])
+    if width != pipe.unet.config.cross_attention_dim:
+        raise ConfigError(f"this IP-Adapter makes {width}-wide tokens; the U-Net attends to "
+                          f"{pipe.unet.config.cross_attention_dim}-wide ones: it was made for another model.")
+    if state["image_proj.proj.weight"].shape[1] != encoder.config.projection_dim:
+        raise ConfigError(f"this IP-Adapter reads {state['image_proj.proj.weight'].shape[1]}-wide image embeddings; "
+                          f"the image encoder makes {encoder.config.projection_dim}-wide ones.")
+    layers = {}
+    for n, layer in enumerate(cross_attention_paths(pipe.params["unet"])):
+        key = 2 * n + 1  # diffusers counts attention processors, self- and cross-, from 1: cross ones are odd
+        try:
+            layers[layer] = {name: jnp.asarray(state[f"ip_adapter.{key}.{name}.weight"].T)
+                             for name in ("to_k_ip", "to_v_ip")}
+        except KeyError:
+            raise CheckpointError(f"{str(path)!r} has no weights for cross-attention layer {n} ({layer}): it was "
+                                  "made for another U-Net.") from None
+    unused = sorted(k for k in state if k.startswith("ip_adapter.")
+                    and int(k.split(".")[1]) > 2 * len(layers) - 1)
+    if unused:
+        raise CheckpointError(f"{str(path)!r} has weights for more cross-attention layers than this U-Net has, "
+                              f"e.g. {unused[:3]}: it was made for another U-Net.")
+    adapter = {"proj": {"kernel": jnp.asarray(state["image_proj.proj.weight"].T),
+                        "bias": jnp.asarray(state["image_proj.proj.bias"])},
+               "norm": {"scale": jnp.asarray(state["image_proj.norm.weight"]),
+                        "bias": jnp.asarray(state["image_proj.norm.bias"])},
+               "layers": layers}
+    folder = paths.as_path(image_encoder)
+    found = (folder / clip_preprocess.CONFIG_NAME).is_file()
+    preprocess = clip_preprocess.ImageProcessorConfig.load(folder) if found else clip_preprocess.ImageProcessorConfig()
+    return pipe.replace(modules={**pipe.modules, "image_encoder": encoder},
+                        params={**pipe.params, "image_encoder": encoder_params, "ip_adapter": adapter},
+                        settings={**pipe.settings, "image_preprocess": preprocess})
+
+
+def attached(pipe: Pipeline) -> bool:
+    return "ip_adapter" in pipe.params
+
+
+def image_pixels(pipe: Pipeline, images, batch: int) -> np.ndarray:
+    """generate()'s ip_adapter_image (one picture for all prompts, or one per prompt; PIL, uint8 or
+    [0, 1] floats) as the image encoder's input [B, S, S, 3]."""
+    pictures = images if isinstance(images, (list, tuple)) else [images]
+    if len(pictures) == 1 and batch > 1:
+        pictures = pictures * batch
+    if len(pictures) != batch:
+        raise ConfigError(f"ip_adapter_image has {len(pictures)} pictures for {batch} prompts.")
+    return np.asarray(clip_preprocess.preprocess(pictures, pipe.settings.get("image_preprocess")), np.float32)
+
+
+def image_tokens(modules, params, pixels, dtype):
+    """(tokens for the images, tokens for the unconditional half) [B, T, D]: the projection of the
+    image encoder's embeddings, and of zero embeddings, as diffusers' encode_image makes them."""
+    embeds = modules["image_encoder"].apply({"params": params["image_encoder"]}, pixels).image_embeds
+    adapter = params["ip_adapter"]
+    width = adapter["norm"]["scale"].shape[0]
+
+    def project(e):
+        flat = e.astype(jnp.float32) @ adapter["proj"]["kernel"] + adapter["proj"]["bias"]
+        tokens = flat.reshape(e.shape[0], -1, width)
+        normed = nn.LayerNorm(epsilon=1e-5).apply({"params": adapter["norm"]}, tokens)
+        return normed.astype(dtype)
+
+    return project(embeds), project(jnp.zeros_like(embeds))
+
+
+class WithImagePrompt:
+    """A Flax module stand-in for the U-Net: `apply(..., image_prompt=(tokens [B, T, D], scale [B]))`
+    runs it with each cross-attention layer's image term added; without image_prompt, the U-Net."""
+
+    def __init__(self, module, layers: dict):
+        self._module, self._layers = module, layers
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def apply(self, variables, *args, image_prompt=None, **kwargs):
+        if image_prompt is None:
+            return self._module.apply(variables, *args, **kwargs)
+        tokens, scale = image_prompt
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            path = "/".join(context.module.path)
+            if context.method_name != "__call__" or path not in self._layers:
+                return next_fun(*call_args, **call_kwargs)
+            out = next_fun(*call_args, **call_kwargs)
+            return out + _image_term(context.module, call_args[0], tokens, scale, self._layers[path])
+
+        with nn.intercept_methods(interceptor):
+            return self._module.apply(variables, *args, **kwargs)
+
+
+def _image_term(attention, x, tokens, scale, layer):
+    """scale * to_out(attention(to_q(x), to_k_ip(tokens), to_v_ip(tokens))), without to_out's bias
+    (the layer's own call added it once)."""
+    p = attention.variables["params"]
+    dtype = x.dtype
+    heads, dim = attention.heads, attention.dim_head
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, dim)  # noqa: E731
+    q = x @ p["to_q"]["kernel"].astype(dtype)
+    if "bias" in p["to_q"]:
+        q = q + p["to_q"]["bias"].astype(dtype)
+    k = tokens.astype(dtype) @ layer["to_k_ip"].astype(dtype)
+    v = tokens.astype(dtype) @ layer["to_v_ip"].astype(dtype)
+    compute = jnp.float32 if attention.upcast else dtype
+    out = dot_product_attention(split(q).astype(compute), split(k).astype(compute), split(v).astype(compute))
+    out = out.astype(dtype).reshape(x.shape[0], x.shape[1], heads * dim) @ p["to_out_0"]["kernel"].astype(dtype)
+    return out * jnp.asarray(scale, dtype).reshape(-1, 1, 1)
+
+
+def with_image_prompt(modules: dict, params) -> dict:
+    """`modules` with the U-Net wrapped to take image prompts when an IP-Adapter is attached."""
+    if "ip_adapter" not in params:
+        return modules
+    return {**modules, "unet": WithImagePrompt(modules["unet"], params["ip_adapter"]["layers"])}
+
+
+def unet_kwargs(cond: dict) -> dict:
+    """The U-Net's image_prompt keyword for one call, from the conditioning ({} without one)."""
+    prompt = cond.get("image_prompt")
+    return {} if prompt is None else {"image_prompt": (prompt["tokens"], prompt["scale"])}
+

@@ -1,0 +1,161 @@
+"""IP-Adapter: diffusers' load_ip_adapter + set_ip_adapter_scale against jdiff.load_ip_adapter +
+generate(ip_adapter_image=...) on random weights, a scale that never recompiles, and bad input."""
+
+import jax
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import jdiff
+from jdiff import ip_adapter
+from jdiff.errors import CheckpointError, ConfigError
+from parity import nchw_to_nhwc, randomize_torch
+
+PROMPTS = ["a red circle", "circle"]
+TOL = 2 / 255
+TOKENS, EMBED = 4, 16  # image tokens, image embedding width
+
+
+def picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    return Image.fromarray(np.repeat(np.repeat(blocks, 9, axis=0), 9, axis=1))  # 45x63: resized and cropped
+
+
+def make_adapter(folder, reference_class, root):
+    """(image encoder folder, IP-Adapter file, diffusers pipeline with both loaded) for the model in
+    `folder`: a random CLIP image encoder and random IP-Adapter weights."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, projection_dim=EMBED, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8))
+    randomize_torch(encoder, scale=1.0, seed=1)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    encoder.save_pretrained(root / "image_encoder")
+    processor.save_pretrained(root / "image_encoder")
+
+    reference = reference_class.from_pretrained(folder)
+    pipe = jdiff.load_pipeline(folder)
+    width = pipe.unet.config.cross_attention_dim
+    gen = torch.Generator().manual_seed(2)
+    state = {"image_proj.proj.weight": torch.randn(TOKENS * width, EMBED, generator=gen) * 0.5,
+             "image_proj.proj.bias": torch.randn(TOKENS * width, generator=gen) * 0.1,
+             "image_proj.norm.weight": 1 + 0.2 * torch.randn(width, generator=gen),
+             "image_proj.norm.bias": 0.2 * torch.randn(width, generator=gen)}
+    for n, layer in enumerate(ip_adapter.cross_attention_paths(pipe.params["unet"])):
+        inner = pipe.params["unet"]
+        for part in layer.split("/"):
+            inner = inner[part]
+        shape = tuple(inner["to_k"]["kernel"].shape[::-1])  # torch's [out, in]
+        for name in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * n + 1}.{name}.weight"] = torch.randn(shape, generator=gen) * 0.4
+    safetensors.torch.save_file(state, root / "ip-adapter.safetensors")
+
+    reference.image_encoder = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder")
+    reference.feature_extractor = CLIPImageProcessor.from_pretrained(root / "image_encoder")
+    reference.register_modules(image_encoder=reference.image_encoder, feature_extractor=reference.feature_extractor)
+    reference.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None)
+    return root / "image_encoder", root / "ip-adapter.safetensors", reference
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd_folder, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    return make_adapter(tiny_sd_folder, StableDiffusionPipeline, tmp_path_factory.mktemp("ip_adapter"))
+
+
+@pytest.mark.parametrize("scale, guidance", [(1.0, 5.0), (0.6, 5.0), (0.8, 1.0)])
+def test_ip_adapter_matches_diffusers(adapter, tiny_sd_folder, scale, guidance, one_device):
+    encoder, weights, reference = adapter
+    reference.set_ip_adapter_scale(scale)
+    start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    image = picture(0)
+    expected = reference(PROMPTS, ip_adapter_image=image, latents=start, num_inference_steps=4,
+                         guidance_scale=guidance, output_type="np").images
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), weights, image_encoder=encoder)
+    ours = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=guidance, latents=nchw_to_nhwc(start),
+                          ip_adapter_image=image, ip_adapter_scale=scale, mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    # The picture matters: another one gives other images.
+    other = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=guidance, latents=nchw_to_nhwc(start),
+                           ip_adapter_image=picture(1), ip_adapter_scale=scale, mesh=one_device)
+    assert np.abs(other - expected).max() > 3 * TOL
+
+
+def test_scale_and_picture_never_recompile_and_mix_per_image(adapter, tiny_sd_folder, one_device):
+    encoder, weights, _ = adapter
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), weights, image_encoder=encoder)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    run = lambda **kw: jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=3, guidance=5.0, seed=4,  # noqa: E731
+                                      mesh=one_device, **kw)
+    both = run(ip_adapter_image=[picture(0), picture(1)], ip_adapter_scale=[1.0, 0.3])
+    count = len(compiles)
+    first = run(ip_adapter_image=picture(0), ip_adapter_scale=1.0)
+    second = run(ip_adapter_image=picture(1), ip_adapter_scale=0.3)
+    assert len(compiles) == count, "a new picture or scale compiled again"
+    # A batch mixing pictures and scales equals each image made with its own.
+    np.testing.assert_allclose(both[0], first[0], atol=1e-5)
+    np.testing.assert_allclose(both[1], second[1], atol=1e-5)
+
+
+def test_bad_ip_adapter_input(adapter, tiny_sd_folder, tmp_path):
+    encoder, weights, _ = adapter
+    pipe = jdiff.load_pipeline(tiny_sd_folder)
+    with pytest.raises(ConfigError, match="load_ip_adapter"):
+        jdiff.generate(pipe, "a", steps=2, ip_adapter_image=picture(0))
+    attached = jdiff.load_ip_adapter(pipe, weights, image_encoder=encoder)
+    with pytest.raises(ConfigError, match="pass ip_adapter_image"):
+        jdiff.generate(attached, "a", steps=2)
+    with pytest.raises(ConfigError, match="3 pictures for 2 prompts"):
+        jdiff.generate(attached, PROMPTS, steps=2, ip_adapter_image=[picture(0)] * 3)
+    with pytest.raises(ConfigError, match="IP-Adapter attached"):
+        jdiff.save_pipeline(attached, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        jdiff.load_ip_adapter(pipe, tmp_path / "missing.safetensors", image_encoder=encoder)
+    plus = {"image_proj.latents": torch.zeros(1, 4, 32), "image_proj.proj_in.weight": torch.zeros(32, 16)}
+    safetensors.torch.save_file(plus, tmp_path / "plus.safetensors")
+    with pytest.raises(ConfigError, match="Plus"):
+        jdiff.load_ip_adapter(pipe, tmp_path / "plus.safetensors", image_encoder=encoder)
+
+
+def test_sdxl_ip_adapter_matches_diffusers(tiny_sdxl_folder, tmp_path, one_device):
+    from diffusers import StableDiffusionXLPipeline
+
+    encoder, weights, reference = make_adapter(tiny_sdxl_folder, StableDiffusionXLPipeline, tmp_path)
+    reference.set_ip_adapter_scale(0.7)
+    start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    expected = reference(PROMPTS, ip_adapter_image=picture(2), latents=start, num_inference_steps=4,
+                         guidance_scale=5.0, output_type="np").images
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sdxl_folder), weights, image_encoder=encoder)
+    ours = jdiff.generate(pipe, PROMPTS, steps=4, guidance=5.0, latents=nchw_to_nhwc(start),
+                          ip_adapter_image=picture(2), ip_adapter_scale=0.7, mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    plain = jdiff.generate(jdiff.load_pipeline(tiny_sdxl_folder), PROMPTS, steps=4, guidance=5.0,
+                           latents=nchw_to_nhwc(start), mesh=one_device)
+    assert np.abs(plain - expected).max() > 3 * TOL
+
+
+def test_sample_py_with_an_image_prompt(adapter, tiny_sd_folder, tmp_path):
+    import sample
+    from jdiff import image_io
+
+    encoder, weights, _ = adapter
+    picture(0).save(tmp_path / "prompt.png")
+    assert sample.main(["--model", str(tiny_sd_folder), "--prompt", "a red circle", "--steps", "3", "--sampler", "ddim",
+                        "--guidance", "5", "--batch-size", "1", "--out", str(tmp_path / "out"), "--ip-adapter",
+                        str(weights), "--image-encoder", str(encoder), "--ip-adapter-image",
+                        str(tmp_path / "prompt.png"), "--ip-adapter-scale", "0.6"]) == 0
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), weights, image_encoder=encoder)
+    expected = jdiff.generate(pipe, "a red circle", sampler="ddim", steps=3, guidance=5.0, ip_adapter_scale=0.6,
+                              ip_adapter_image=image_io.load_image(tmp_path / "prompt.png"))[0]
+    np.testing.assert_array_equal(image_io.to_uint8(image_io.load_image(tmp_path / "out" / "00000.png")),
+                                  image_io.to_uint8(expected))
+    assert image_io.read_png_parameters(tmp_path / "out" / "00000.png")["ip_adapter_scale"] == 0.6
