@@ -7,8 +7,10 @@ attention over the text. The U-Net itself is unchanged: a Flax method intercepto
 around each cross-attention call (as jdiff.lora applies LoRA), so the models know nothing of it.
 
 Files: the IP-Adapter safetensors that diffusers' `load_ip_adapter` reads (`image_proj.*`,
-`ip_adapter.<n>.to_k_ip.weight`, ...), for SD 1.x/2.x and SDXL U-Nets; the image encoder is a
-transformers CLIPVisionModelWithProjection folder. The image tokens and the scale travel with each
+`ip_adapter.<n>.to_k_ip.weight`, ...), for SD 1.x/2.x and SDXL U-Nets: the plain IP-Adapter (a
+linear projection of the image embedding) and IP-Adapter Plus (a resampler over the image
+encoder's penultimate hidden states); the image encoder is a transformers
+CLIPVisionModelWithProjection folder. The image tokens and the scale travel with each
 half's conditioning (`cond["image_prompt"]`), so guidance doubles them with the prompts; the
 scale is traced.
 """
@@ -16,6 +18,7 @@ scale is traced.
 import re
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -64,28 +67,25 @@ def _read(path) -> dict[str, np.ndarray]:
 
 
 def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
-    """`pipe` with the IP-Adapter of `path` (a .safetensors file as diffusers' load_ip_adapter reads
-    it) and the CLIP image encoder of the folder `image_encoder` attached. Its
+    """`pipe` with the IP-Adapter (or IP-Adapter Plus) of `path` (a .safetensors file as diffusers'
+    load_ip_adapter reads it) and the CLIP image encoder of the folder `image_encoder` attached. Its
     preprocessor_config.json, if there, sets the image preprocessing (else CLIP's defaults)."""
     if pipe.family.denoiser_name != "unet":
         raise ConfigError(f"IP-Adapter adapts a U-Net's cross-attention (SD 1.x/2.x, SDXL); {pipe.family.name} "
                           "models have none.")
     state = _read(path)
-    if any(k.startswith("image_proj.latents") or k.startswith("image_proj.layers") for k in state):
-        raise ConfigError("this is an IP-Adapter Plus (a resampler image projection): not supported yet; "
-                          "jdiff reads the plain IP-Adapter (image_proj.proj, image_proj.norm).")
-    needed = ("image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight", "image_proj.norm.bias")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise CheckpointError(f"{str(path)!r} is not an IP-Adapter file: it lacks {missing}.")
+    plus = "image_proj.latents" in state
+    projection = _plus_projection(state, path) if plus else _projection(state, path)
     encoder, encoder_params = convert.load_clip_vision(image_encoder, dtype=pipe.unet.dtype)
-    width = int(state["image_proj.norm.weight"].shape[0])
+    width = int((projection["norm_out"] if plus else projection["norm"])["scale"].shape[0])
     if width != pipe.unet.config.cross_attention_dim:
         raise ConfigError(f"this IP-Adapter makes {width}-wide tokens; the U-Net attends to "
                           f"{pipe.unet.config.cross_attention_dim}-wide ones: it was made for another model.")
-    if state["image_proj.proj.weight"].shape[1] != encoder.config.projection_dim:
-        raise ConfigError(f"this IP-Adapter reads {state['image_proj.proj.weight'].shape[1]}-wide image embeddings; "
-                          f"the image encoder makes {encoder.config.projection_dim}-wide ones.")
+    reads = (projection["proj_in"] if plus else projection["proj"])["kernel"].shape[0]
+    makes = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    if reads != makes:
+        raise ConfigError(f"this IP-Adapter reads {reads}-wide image features; the image encoder makes {makes}-wide "
+                          f"ones ({'its hidden states' if plus else 'its projected embedding'}).")
     layers = {}
     for n, layer in enumerate(cross_attention_paths(pipe.params["unet"])):
         key = 2 * n + 1  # diffusers counts attention processors, self- and cross-, from 1: cross ones are odd
@@ -100,17 +100,85 @@ def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
     if unused:
         raise CheckpointError(f"{str(path)!r} has weights for more cross-attention layers than this U-Net has, "
                               f"e.g. {unused[:3]}: it was made for another U-Net.")
-    adapter = {"proj": {"kernel": jnp.asarray(state["image_proj.proj.weight"].T),
-                        "bias": jnp.asarray(state["image_proj.proj.bias"])},
-               "norm": {"scale": jnp.asarray(state["image_proj.norm.weight"]),
-                        "bias": jnp.asarray(state["image_proj.norm.bias"])},
-               "layers": layers}
+    adapter = {"plus" if plus else "projection": projection, "layers": layers}
     folder = paths.as_path(image_encoder)
     found = (folder / clip_preprocess.CONFIG_NAME).is_file()
     preprocess = clip_preprocess.ImageProcessorConfig.load(folder) if found else clip_preprocess.ImageProcessorConfig()
     return pipe.replace(modules={**pipe.modules, "image_encoder": encoder},
                         params={**pipe.params, "image_encoder": encoder_params, "ip_adapter": adapter},
                         settings={**pipe.settings, "image_preprocess": preprocess})
+
+
+def _linear(state, key, bias: bool = True) -> dict:
+    out = {"kernel": jnp.asarray(state[key + ".weight"].T)}
+    return {**out, "bias": jnp.asarray(state[key + ".bias"])} if bias else out
+
+
+def _norm(state, key) -> dict:
+    return {"scale": jnp.asarray(state[key + ".weight"]), "bias": jnp.asarray(state[key + ".bias"])}
+
+
+def _projection(state, path) -> dict:
+    """The plain IP-Adapter's image projection: a linear map to T tokens, then a layer norm."""
+    needed = ("image_proj.proj.weight", "image_proj.proj.bias", "image_proj.norm.weight", "image_proj.norm.bias")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not an IP-Adapter file: it lacks {missing}.")
+    return {"proj": _linear(state, "image_proj.proj"), "norm": _norm(state, "image_proj.norm")}
+
+
+PLUS_DEPTH, PLUS_HEAD_DIM = 4, 64  # what diffusers builds every IP-Adapter Plus resampler with
+
+
+def _plus_projection(state, path) -> dict:
+    """IP-Adapter Plus's resampler (learned queries attending to the image's hidden states), from the
+    original key layout its files use (`layers.<i>.0.to_kv`, `layers.<i>.1.1`, ...)."""
+    p = "image_proj."
+    try:
+        blocks = []
+        for i in range(PLUS_DEPTH):
+            b = f"{p}layers.{i}."
+            key, value = np.split(state[b + "0.to_kv.weight"], 2, axis=0)
+            blocks.append({"ln0": _norm(state, b + "0.norm1"), "ln1": _norm(state, b + "0.norm2"),
+                           "to_q": _linear(state, b + "0.to_q", bias=False),
+                           "to_k": {"kernel": jnp.asarray(key.T)}, "to_v": {"kernel": jnp.asarray(value.T)},
+                           "to_out": _linear(state, b + "0.to_out", bias=False), "ff_norm": _norm(state, b + "1.0"),
+                           "ff_in": _linear(state, b + "1.1", bias=False), "ff_out": _linear(state, b + "1.3", bias=False)})
+        projection = {"latents": jnp.asarray(state[p + "latents"]), "proj_in": _linear(state, p + "proj_in"),
+                      "proj_out": _linear(state, p + "proj_out"), "norm_out": _norm(state, p + "norm_out"),
+                      "blocks": blocks}
+    except KeyError as e:
+        raise CheckpointError(f"{str(path)!r} is not an IP-Adapter Plus file of diffusers' shape ({PLUS_DEPTH} "
+                              f"resampler layers): it lacks {e.args[0]!r}.") from None
+    extra = sorted(k for k in state if k.startswith(f"{p}layers.{PLUS_DEPTH}."))
+    if extra:
+        raise CheckpointError(f"{str(path)!r} has a resampler deeper than {PLUS_DEPTH} layers ({extra[0]}), which "
+                              "diffusers does not read either.")
+    return projection
+
+
+def _layer_norm(x, norm):
+    return nn.LayerNorm(epsilon=1e-5).apply({"params": norm}, x)
+
+
+def _resample(plus: dict, features):
+    """The resampler: learned queries read the image's features through PLUS_DEPTH attention and
+    feed-forward blocks, then a projection to the U-Net's token width."""
+    x = features @ plus["proj_in"]["kernel"] + plus["proj_in"]["bias"]
+    latents = jnp.broadcast_to(plus["latents"], (x.shape[0],) + plus["latents"].shape[1:])
+    for block in plus["blocks"]:
+        residual = latents
+        queries = _layer_norm(latents, block["ln1"])
+        context = jnp.concatenate([_layer_norm(x, block["ln0"]), queries], axis=1)
+        heads = block["to_q"]["kernel"].shape[1] // PLUS_HEAD_DIM
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, PLUS_HEAD_DIM)  # noqa: E731
+        q, k, v = (split(a @ block[name]["kernel"]) for a, name in
+                   ((queries, "to_q"), (context, "to_k"), (context, "to_v")))
+        attended = dot_product_attention(q, k, v).reshape(q.shape[0], q.shape[1], -1)
+        latents = attended @ block["to_out"]["kernel"] + residual
+        hidden = jax.nn.gelu(_layer_norm(latents, block["ff_norm"]) @ block["ff_in"]["kernel"], approximate=False)
+        latents = hidden @ block["ff_out"]["kernel"] + latents
+    return _layer_norm(latents @ plus["proj_out"]["kernel"] + plus["proj_out"]["bias"], plus["norm_out"])
 
 
 def attached(pipe: Pipeline) -> bool:
@@ -129,17 +197,22 @@ def image_pixels(pipe: Pipeline, images, batch: int) -> np.ndarray:
 
 
 def image_tokens(modules, params, pixels, dtype):
-    """(tokens for the images, tokens for the unconditional half) [B, T, D]: the projection of the
-    image encoder's embeddings, and of zero embeddings, as diffusers' encode_image makes them."""
-    embeds = modules["image_encoder"].apply({"params": params["image_encoder"]}, pixels).image_embeds
-    adapter = params["ip_adapter"]
-    width = adapter["norm"]["scale"].shape[0]
+    """(tokens for the images, tokens for the unconditional half) [B, T, D], as diffusers' encode_image
+    makes them: the plain IP-Adapter projects the image encoder's embedding, and zeros for the
+    unconditional half; Plus resamples its penultimate hidden states, and those of a zero image."""
+    encoder, adapter = modules["image_encoder"], params["ip_adapter"]
+    run = lambda x, **kw: encoder.apply({"params": params["image_encoder"]}, x, **kw)  # noqa: E731
+    if "plus" in adapter:
+        both = run(jnp.concatenate([pixels, jnp.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
+        tokens = _resample(adapter["plus"], both.astype(jnp.float32)).astype(dtype)
+        return tuple(jnp.split(tokens, 2))
+    projection = adapter["projection"]
+    width = projection["norm"]["scale"].shape[0]
+    embeds = run(pixels).image_embeds
 
     def project(e):
-        flat = e.astype(jnp.float32) @ adapter["proj"]["kernel"] + adapter["proj"]["bias"]
-        tokens = flat.reshape(e.shape[0], -1, width)
-        normed = nn.LayerNorm(epsilon=1e-5).apply({"params": adapter["norm"]}, tokens)
-        return normed.astype(dtype)
+        flat = e.astype(jnp.float32) @ projection["proj"]["kernel"] + projection["proj"]["bias"]
+        return _layer_norm(flat.reshape(e.shape[0], -1, width), projection["norm"]).astype(dtype)
 
     return project(embeds), project(jnp.zeros_like(embeds))
 

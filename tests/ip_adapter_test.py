@@ -24,9 +24,29 @@ def picture(seed: int) -> Image.Image:
     return Image.fromarray(np.repeat(np.repeat(blocks, 9, axis=0), 9, axis=1))  # 45x63: resized and cropped
 
 
-def make_adapter(folder, reference_class, root):
+def plus_projection(width: int, gen, hidden: int = 64, queries: int = TOKENS, features: int = 32) -> dict:
+    """Random IP-Adapter Plus resampler weights in the original key layout (as its files hold them)."""
+    def rand(*shape, scale=0.3):
+        return torch.randn(shape, generator=gen) * scale
+
+    state = {"image_proj.latents": rand(1, queries, hidden, scale=1.0),
+             "image_proj.proj_in.weight": rand(hidden, features), "image_proj.proj_in.bias": rand(hidden),
+             "image_proj.proj_out.weight": rand(width, hidden), "image_proj.proj_out.bias": rand(width),
+             "image_proj.norm_out.weight": 1 + rand(width), "image_proj.norm_out.bias": rand(width)}
+    for i in range(4):
+        b = f"image_proj.layers.{i}."
+        state.update({b + "0.norm1.weight": 1 + rand(hidden), b + "0.norm1.bias": rand(hidden),
+                      b + "0.norm2.weight": 1 + rand(hidden), b + "0.norm2.bias": rand(hidden),
+                      b + "0.to_q.weight": rand(64, hidden), b + "0.to_kv.weight": rand(128, hidden),
+                      b + "0.to_out.weight": rand(hidden, 64), b + "1.0.weight": 1 + rand(hidden),
+                      b + "1.0.bias": rand(hidden), b + "1.1.weight": rand(4 * hidden, hidden),
+                      b + "1.3.weight": rand(hidden, 4 * hidden)})
+    return state
+
+
+def make_adapter(folder, reference_class, root, plus: bool = False):
     """(image encoder folder, IP-Adapter file, diffusers pipeline with both loaded) for the model in
-    `folder`: a random CLIP image encoder and random IP-Adapter weights."""
+    `folder`: a random CLIP image encoder and random IP-Adapter (or IP-Adapter Plus) weights."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
@@ -42,10 +62,11 @@ def make_adapter(folder, reference_class, root):
     pipe = jdiff.load_pipeline(folder)
     width = pipe.unet.config.cross_attention_dim
     gen = torch.Generator().manual_seed(2)
-    state = {"image_proj.proj.weight": torch.randn(TOKENS * width, EMBED, generator=gen) * 0.5,
-             "image_proj.proj.bias": torch.randn(TOKENS * width, generator=gen) * 0.1,
-             "image_proj.norm.weight": 1 + 0.2 * torch.randn(width, generator=gen),
-             "image_proj.norm.bias": 0.2 * torch.randn(width, generator=gen)}
+    state = plus_projection(width, gen) if plus else {
+        "image_proj.proj.weight": torch.randn(TOKENS * width, EMBED, generator=gen) * 0.5,
+        "image_proj.proj.bias": torch.randn(TOKENS * width, generator=gen) * 0.1,
+        "image_proj.norm.weight": 1 + 0.2 * torch.randn(width, generator=gen),
+        "image_proj.norm.bias": 0.2 * torch.randn(width, generator=gen)}
     for n, layer in enumerate(ip_adapter.cross_attention_paths(pipe.params["unet"])):
         inner = pipe.params["unet"]
         for part in layer.split("/"):
@@ -122,7 +143,7 @@ def test_bad_ip_adapter_input(adapter, tiny_sd_folder, tmp_path):
         jdiff.load_ip_adapter(pipe, tmp_path / "missing.safetensors", image_encoder=encoder)
     plus = {"image_proj.latents": torch.zeros(1, 4, 32), "image_proj.proj_in.weight": torch.zeros(32, 16)}
     safetensors.torch.save_file(plus, tmp_path / "plus.safetensors")
-    with pytest.raises(ConfigError, match="Plus"):
+    with pytest.raises(CheckpointError, match="not an IP-Adapter Plus file"):
         jdiff.load_ip_adapter(pipe, tmp_path / "plus.safetensors", image_encoder=encoder)
 
 
@@ -159,3 +180,22 @@ def test_sample_py_with_an_image_prompt(adapter, tiny_sd_folder, tmp_path):
     np.testing.assert_array_equal(image_io.to_uint8(image_io.load_image(tmp_path / "out" / "00000.png")),
                                   image_io.to_uint8(expected))
     assert image_io.read_png_parameters(tmp_path / "out" / "00000.png")["ip_adapter_scale"] == 0.6
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_ip_adapter_plus_matches_diffusers(tiny_sd_folder, tmp_path, guidance, one_device):
+    """IP-Adapter Plus: a resampler over the image encoder's penultimate hidden states."""
+    from diffusers import StableDiffusionPipeline
+
+    encoder, weights, reference = make_adapter(tiny_sd_folder, StableDiffusionPipeline, tmp_path, plus=True)
+    reference.set_ip_adapter_scale(0.8)
+    start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    expected = reference(PROMPTS, ip_adapter_image=picture(3), latents=start, num_inference_steps=4,
+                         guidance_scale=guidance, output_type="np").images
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), weights, image_encoder=encoder)
+    ours = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=guidance, latents=nchw_to_nhwc(start),
+                          ip_adapter_image=picture(3), ip_adapter_scale=0.8, mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    other = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=guidance, latents=nchw_to_nhwc(start),
+                           ip_adapter_image=picture(4), ip_adapter_scale=0.8, mesh=one_device)
+    assert np.abs(other - expected).max() > 3 * TOL
