@@ -100,3 +100,41 @@ def test_outline_control_images_mark_each_object():
             box = edges[int(y - r) - 1:int(y + r) + 2, int(x - r) - 1:int(x + r) + 2]
             assert box.sum() > 4 * r  # at least about two sides' worth of edge pixels
             assert not edges[int(y), int(x)]
+
+
+def test_control_scores_read_real_images_and_their_own_outlines(tiny_shapes_dir):
+    from jdiff.app import shapes_control_eval
+
+    source = load_shapes(tiny_shapes_dir, "test", num_train=64, num_test=16)
+    images = [source[i]["image"] for i in range(16)]
+    scenes = [shapes.scene(i, "test") for i in range(16)]
+    own = shapes_control_eval.score(images, scenes)
+    assert own["objects"] == sum(len(s) for s in scenes)
+    assert own["box_iou"] > 0.6 and own["in_controlled_cell"] > 0.9 and own["colour_accuracy"] > 0.9
+    shuffled = shapes_control_eval.score(images, scenes[1:] + scenes[:1])  # each image against another scene
+    assert shuffled["box_iou"] < own["box_iou"] / 2 and shuffled["in_controlled_cell"] < 0.5
+    assert shapes_control_eval.iou((0, 0, 0.5, 0.5), (0.25, 0.25, 0.75, 0.75)) == pytest.approx(1 / 7)
+
+
+def test_recipe_controlnet_stage_trains_exports_and_evaluates(tiny_sd_folder, tiny_shapes_dir, tmp_path):
+    import json
+    import shutil
+
+    from jdiff.app import recipe
+
+    shutil.copytree(tiny_sd_folder, tmp_path / "pipeline")  # stands for the diffusion stage's export
+    config = tiny.get_config()
+    config.stages = "controlnet"
+    config.data.data_dir = str(tiny_shapes_dir)
+    config.controlnet.conditioning_embedding_out_channels = WIDTHS  # the tiny SD model's VAE: factor 8
+    results = recipe.run(config, tmp_path)["controlnet"]
+    for case in ("with_controlnet", "without_controlnet"):
+        assert results[case]["num_prompts"] == 8
+        assert set(results[case]) >= {"box_iou", "in_controlled_cell", "colour_accuracy", "shape_accuracy"}
+    assert json.loads((tmp_path / "controlnet_evaluation.json").read_text()) == results
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_pretrained(tmp_path / "controlnet" / "export")  # diffusers reads the export
+    steps = sorted(int(p.name) for p in (tmp_path / "controlnet" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert recipe.run(config, tmp_path)["controlnet"] == results  # a rerun finds the stage done

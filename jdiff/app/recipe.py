@@ -27,7 +27,7 @@ from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
 from jdiff.paths import Path
 
-STAGES = ("vae", "diffusion")
+STAGES = ("vae", "diffusion", "controlnet")
 
 
 def data_sources(config, workdir: Path):
@@ -201,14 +201,67 @@ def run(config, workdir) -> dict:
         vae, vae_params = train_vae(config, workdir, train_source, test_source)
         if vae is None:
             return stopped
-    else:
+    elif "diffusion" in requested:
         vae, vae_params = (None, None) if config.pretrained else _exported_vae(config, workdir)
-    results = {}
+    results, pipe = {}, None
     if "diffusion" in requested:
         pipe = train_diffusion(config, workdir, train_source, vae, vae_params, test_captions)
         if pipe is None:
             return stopped
         results = sample_and_evaluate(config, pipe, workdir, test_source)
+    if "controlnet" in requested:
+        control_results = train_controlnet(config, workdir, train_source, test_source, pipe)
+        if control_results is None:
+            return stopped
+        results["controlnet"] = control_results
+    return results
+
+
+def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pipeline | None) -> dict | None:
+    """Stage 3 (shapes data): a ControlNet on the trained model (`pipe`, or <workdir>/pipeline), the
+    model frozen, each example's outlines its control image; exports <workdir>/controlnet/export
+    and writes controlnet_evaluation.json (held-out scenes with and without it)."""
+    from jdiff.app import shapes_control_eval
+    from jdiff.app.shapes_control import OutlineControl
+    from jdiff.models import controlnet
+
+    if config.data.dataset != "shapes" or test_source is None:
+        raise ConfigError("the controlnet stage trains on the shapes set's object outlines: data.dataset='shapes'.")
+    if pipe is None:
+        exported = workdir / "pipeline"
+        if not (exported / "model_index.json").is_file():
+            raise ConfigError(f"the controlnet stage needs a trained model: {exported} does not exist. Run the "
+                              f"'diffusion' stage first (config.stages).")
+        pipe = families.load_pipeline(exported, dtype=stages.compute_dtype(config))
+    section, resolution = config.controlnet, config.data.resolution
+    module, params = controlnet.from_unet(
+        pipe.unet, pipe.params["unet"], jax.random.key(config.seed), dtype=stages.compute_dtype(config),
+        conditioning_embedding_out_channels=tuple(section.conditioning_embedding_out_channels))
+    base = pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
+    vae, vae_params = base.vae, base.params["vae"]
+    cache = config.data.cache_latents
+    source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
+                           show_progress=distributed.is_main()) if cache else train_source
+    stage = stages.diffusion_stage(base, stages.make_objective(config, base.scheduler),
+                                   latent_size=resolution // vae.config.downscale,
+                                   caption_dropout=config.data.caption_dropout, train_text_encoder=False,
+                                   cached_latents=cache, controlnet=True)
+    loader = _loader(OutlineControl(source, "train", resolution, config.seed), config.controlnet_train, config.seed)
+    state, _ = train_lib.train(stage, config.controlnet_train, workdir / "controlnet", loader,
+                               total_batch=config.controlnet_train.batch_size)
+    if int(state.step) < config.controlnet_train.steps:
+        return None  # stopped early (run_steps): the next invocation resumes
+    trained = sharding.gather(state.ema_params)["controlnet"]
+    controlled = base.replace(params={**base.params, "controlnet": trained})
+    if distributed.is_main():
+        convert.save_controlnet(module, trained, workdir / "controlnet" / "export")
+    s = config.sample
+    kw = dict(num_prompts=section.num_prompts, guidance=section.guidance, sampler=s.sampler, steps=s.steps,
+              resolution=resolution, data_seed=config.seed, batch_size=config.evaluate.batch_size)
+    results = {"with_controlnet": shapes_control_eval.evaluate(controlled, test_source, "test", **kw),
+               "without_controlnet": shapes_control_eval.evaluate(pipe, test_source, "test", **kw)}
+    if distributed.is_main():
+        (workdir / "controlnet_evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

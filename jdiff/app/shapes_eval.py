@@ -36,6 +36,7 @@ class Detection(NamedTuple):
     position: int
     pixels: float  # covered area in pixels (soft)
     centre: tuple  # (x, y) in [0, 1]
+    box: tuple = None  # (left, top, right, bottom) in [0, 1]: the pixels the object covers
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -96,7 +97,8 @@ def detect(image: np.ndarray, palette: shapes.Palette = shapes.PALETTE) -> list[
         cy = float((coverage * (np.arange(height)[:, None] + top + 0.5)).sum() / coverage.sum()) / side
         cx = float((coverage * (np.arange(width)[None, :] + left + 0.5)).sum() / coverage.sum()) / side
         position = 3 * min(int(cy * 3), 2) + min(int(cx * 3), 2)
-        detections.append(Detection(colour, shape, size, position, float(coverage.sum()), (cx, cy)))
+        bounds = (left / side, top / side, (right + 1) / side, (bottom + 1) / side)
+        detections.append(Detection(colour, shape, size, position, float(coverage.sum()), (cx, cy), bounds))
     return sorted(detections, key=lambda d: -d.pixels)
 
 

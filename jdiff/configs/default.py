@@ -155,6 +155,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.dreambooth = ml_collections.ConfigDict(dict(
         instance_prompt="", class_prompt="", class_folder="", num_class_images=100, prior_loss_weight=1.0))
 
+    # The "controlnet" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): a
+    # ControlNet on the trained model with each example's object outlines as control images (where,
+    # how big, what shape; the caption still says the colour), exported to <workdir>/controlnet/export,
+    # then controlnet_evaluation.json: box IoU, controlled cell, colour and shape of generated objects
+    # on held-out scenes, with and without it. conditioning_embedding_out_channels: one width per
+    # halving of the control image to the latent size (the default VAE's factor 2: two).
+    config.controlnet = ml_collections.ConfigDict(dict(
+        conditioning_embedding_out_channels=(16, 32), num_prompts=200, guidance=4.0))
+    config.controlnet_train = train_section(steps=2000, batch_size=32, learning_rate=5e-4, eval_every=100_000)
+
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))
     config.evaluate = ml_collections.ConfigDict(dict(num_prompts=200, batch_size=50, guidances=(1.0, 4.0)))
