@@ -102,6 +102,10 @@ def control_inputs(pipe: Pipeline, control_image, batch: int, height: int, width
     if not attached:
         raise ConfigError("control_image needs a ControlNet: attach one with jdiff.load_controlnet(pipe, folder).")
     count = len(attached)
+    if count == 1 and isinstance(control_image, (list, tuple)) and len(control_image) == batch > 1:
+        # one ControlNet, one picture per prompt (as diffusers takes a list for a batch)
+        control_image = np.concatenate([as_images(image, f"control_image[{b}]", 1, 3)
+                                        for b, image in enumerate(control_image)])
     images = [control_image] if count == 1 and not isinstance(control_image, (list, tuple)) else control_image
     if not isinstance(images, (list, tuple)) or len(images) != count:
         raise ConfigError(f"control_image must be a list of {count} images, one per ControlNet.")

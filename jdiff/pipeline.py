@@ -165,10 +165,10 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
 
     negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip) if static.use_cfg else None
     if image_prompt is not None:  # the image's tokens, and the unconditional half's (from zero embeddings)
-        tokens, empty = ip_adapter.image_tokens(modules, params, image_prompt["pixels"], modules["unet"].dtype)
-        cond = {**cond, "image_prompt": {"tokens": tokens, "scale": image_prompt["scale"]}}
+        pictured, unpictured = ip_adapter.image_tokens(modules, params, image_prompt["pixels"], modules["unet"].dtype)
+        cond = {**cond, "image_prompt": {"tokens": pictured, "scale": image_prompt["scale"]}}
         if negative is not None:
-            negative = {**negative, "image_prompt": {"tokens": empty, "scale": image_prompt["scale"]}}
+            negative = {**negative, "image_prompt": {"tokens": unpictured, "scale": image_prompt["scale"]}}
     if controls is not None:  # the control images and scales travel with each half's conditioning
         cond = {**cond, "control": controls["cond"]}
         negative = None if negative is None else {**negative, "control": controls["negative"]}

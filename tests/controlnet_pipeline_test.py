@@ -115,6 +115,15 @@ def test_scales_windows_and_guess_mode_never_recompile(sd, tiny_sd_folder, one_d
     assert np.abs(first - second).max() > 10 * TOL
 
 
+def test_one_controlnet_takes_a_list_with_one_picture_per_prompt(sd, tiny_sd_folder, one_device):
+    _, folders = sd
+    pipe = jdiff.load_controlnet(jdiff.load_pipeline(tiny_sd_folder), folders[0])
+    images = control_images(2, seed=7)
+    run = lambda control: jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=2, control_image=control,  # noqa: E731
+                                         mesh=one_device)
+    np.testing.assert_array_equal(run([images[0], images[1]]), run(images))
+
+
 def test_bad_control_input(sd, tiny_sd_folder, tmp_path):
     _, folders = sd
     pipe = jdiff.load_pipeline(tiny_sd_folder)
