@@ -34,6 +34,9 @@ def test_whole_recipe_exports_a_pipeline_that_jdiff_and_diffusers_load(tmp_path)
     results = recipe.run(config, tmp_path)
     for key in ("guidance_1", "guidance_4", "detector_on_real_images"):
         assert set(results[key]) >= {"colour_accuracy", "shape_accuracy", "position_accuracy"}
+    for key in ("scene_guidance_1", "scene_guidance_4", "scene_detector_on_vae_reconstructions"):
+        assert set(results[key]) >= {"whole_scene_accuracy", "count_accuracy", "two_objects_accuracy"}
+    assert results["scene_detector_on_real_images"]["whole_scene_accuracy"] == 1.0
     assert (tmp_path / "evaluation.json").is_file()
     assert read_png_parameters(tmp_path / "samples" / "grid.png")["steps"] == config.sample.steps
     assert list((tmp_path / "vae" / "tensorboard").glob("events.*"))

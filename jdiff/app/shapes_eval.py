@@ -154,6 +154,63 @@ def score(images: Sequence[np.ndarray], objects: Sequence[Sequence[int]],
     return {f"{key}_accuracy": value / max(len(objects), 1) for key, value in hits.items()}
 
 
+def score_scenes(images: Sequence[np.ndarray], scenes: Sequence[Sequence[Sequence[int]]],
+                 palette: shapes.Palette = shapes.PALETTE) -> dict:
+    """Whole-scene adherence, as GenEval scores real models: every object a caption describes.
+
+    scenes: per image, every described object's (shape, colour, size, position) ids. An object is
+    right when the largest detection in its cell has its colour, shape and size; a scene is right
+    when every object is right and nothing else was drawn (as many detections as objects). Fractions
+    of scenes, in categories: single-object and two-object scenes; colour attribution (two objects of
+    different colours, each cell holding its own object's colour); position (every object in its
+    cell). Per-object attribute accuracies (the nearest detection when the cell is empty, as `score`)
+    say which attribute fails.
+    """
+    tallies = {name: [0, 0] for name in ("whole_scene", "count", "every_object", "single_object", "two_objects",
+                                         "colour_attribution", "position")}
+    attributes = {name: 0 for name in ("colour", "shape", "size", "position")}
+    num_objects = 0
+
+    def tally(name, ok):
+        tallies[name][0] += int(ok)
+        tallies[name][1] += 1
+
+    for image, objects in zip(images, scenes):
+        detections = detect(image, palette)
+        in_cell = [next((d for d in detections if d.position == obj[3]), None) for obj in objects]
+        right = [d is not None and (d.shape, d.colour, d.size) == tuple(obj[:3]) for d, obj in zip(in_cell, objects)]
+        count_right = len(detections) == len(objects)
+        whole = count_right and all(right)
+        tally("whole_scene", whole)
+        tally("count", count_right)
+        tally("every_object", all(right))
+        tally("single_object" if len(objects) == 1 else "two_objects", whole)
+        tally("position", all(d is not None for d in in_cell))
+        if len(objects) == 2 and objects[0][1] != objects[1][1]:
+            tally("colour_attribution", all(d is not None and d.colour == obj[1] for d, obj in zip(in_cell, objects)))
+        for obj in objects:
+            num_objects += 1
+            found = match(detections, obj[3])
+            if found is not None:
+                for key, value in zip(("shape", "colour", "size", "position"), obj):
+                    attributes[key] += int(getattr(found, key) == value)
+    results = {f"{name}_accuracy": hits / max(total, 1) for name, (hits, total) in tallies.items()}
+    results.update({f"object_{key}_accuracy": hits / max(num_objects, 1) for key, hits in attributes.items()})
+    results.update({f"{name}_scenes": total for name, (_, total) in tallies.items()
+                    if name in ("single_object", "two_objects", "colour_attribution")})
+    return results
+
+
+def described_scenes(source, count: int) -> list[list[tuple]]:
+    """Every described object's (shape, colour, size, position) ids, per example of a shapes source."""
+    scenes = []
+    for i in range(min(count, len(source))):
+        item = source[i]
+        table = np.asarray(item["objects"]).reshape(-1, 4)[:int(item["num_objects"])]
+        scenes.append([tuple(int(v) for v in row) for row in table])
+    return scenes
+
+
 def first_objects(source, count: int) -> tuple[list[str], list[tuple]]:
     """Captions and first-object labels of the first `count` examples of a shapes source."""
     captions, labels = [], []
@@ -171,17 +228,28 @@ def detector_accuracy(source, count: int = 500, palette: shapes.Palette = shapes
     return score(images, labels, palette)
 
 
-def vae_ceiling(pipe, source, count: int, batch_size: int = 50, palette: shapes.Palette = shapes.PALETTE) -> dict:
-    """The detector on the pipeline's VAE reconstructions (posterior mode) of real images: what a
-    perfect diffusion model, whose latents still pass through this decoder, would score."""
+def scene_detector_accuracy(source, count: int = 500, palette: shapes.Palette = shapes.PALETTE) -> dict:
+    """`score_scenes` on real images of `source`: the ceiling of the whole-scene figures (about 1)."""
+    scenes = described_scenes(source, count)
+    return score_scenes([source[i]["image"] for i in range(len(scenes))], scenes, palette)
+
+
+def vae_reconstructions(pipe, source, count: int, batch_size: int = 50) -> list[np.ndarray]:
+    """The pipeline's VAE reconstructions (posterior mode) of the first `count` real images, in [0, 1]."""
     import jax
 
-    _, labels = first_objects(source, count)
     vae, params = pipe.vae, pipe.params["vae"]
     reconstruct = jax.jit(lambda p, x: vae.apply({"params": p}, x))
-    real = to_model_range(np.stack([source[i]["image"] for i in range(len(labels))]))
+    real = to_model_range(np.stack([source[i]["image"] for i in range(min(count, len(source)))]))
     rebuilt = map_batches(lambda batch: reconstruct(params, batch), real, batch_size)
-    return score(list(np.clip(rebuilt.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0)), labels, palette)
+    return list(np.clip(rebuilt.astype(np.float32) * 0.5 + 0.5, 0.0, 1.0))
+
+
+def vae_ceiling(pipe, source, count: int, batch_size: int = 50, palette: shapes.Palette = shapes.PALETTE) -> dict:
+    """The detector on the pipeline's VAE reconstructions of real images: what a perfect diffusion
+    model, whose latents still pass through this decoder, would score (first objects)."""
+    _, labels = first_objects(source, count)
+    return score(vae_reconstructions(pipe, source, count, batch_size), labels, palette)
 
 
 def evaluate_pipeline(pipe, source, *, num_prompts: int, guidances: Sequence[float], sampler: str, steps: int,
@@ -189,13 +257,18 @@ def evaluate_pipeline(pipe, source, *, num_prompts: int, guidances: Sequence[flo
     """Generates an image for each of the first `num_prompts` captions of `source` (held-out
     combinations on the test split) at each guidance scale and scores them."""
     captions, labels = first_objects(source, num_prompts)
+    scenes = described_scenes(source, num_prompts)
+    rebuilt = vae_reconstructions(pipe, source, num_prompts, batch_size)
     results = {"num_prompts": len(captions), "sampler": sampler, "steps": steps,
                "detector_on_real_images": detector_accuracy(source, num_prompts),
-               "detector_on_vae_reconstructions": vae_ceiling(pipe, source, num_prompts, batch_size)}
+               "detector_on_vae_reconstructions": score(rebuilt, labels),
+               "scene_detector_on_real_images": scene_detector_accuracy(source, num_prompts),
+               "scene_detector_on_vae_reconstructions": score_scenes(rebuilt, scenes)}
     for guidance in guidances:
         images = generate_batched(pipe, captions, guidance=guidance, sampler=sampler, steps=steps,
                                   batch_size=batch_size)
-        results[f"guidance_{guidance:g}"] = score(images, labels)
+        results[f"guidance_{guidance:g}"] = score(images, labels)  # the first object, as before
+        results[f"scene_guidance_{guidance:g}"] = score_scenes(images, scenes)
     return results
 
 
