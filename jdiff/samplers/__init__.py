@@ -21,6 +21,7 @@ One module per kind of update: `vp` (DDIM, DDPM, LCM), `karras` (Euler), `dpm` (
 
 from jdiff.errors import ConfigError
 from jdiff.samplers.base import Plan, Sampler, build_plan, img2img_start, run, step_aware, step_noise
+from jdiff.samplers.differentiable import run_differentiable
 from jdiff.samplers.dpm import DPM_2M, DPM_2M_KARRAS
 from jdiff.samplers.dpm_sde import DPM_2M_SDE, DPM_2M_SDE_KARRAS
 from jdiff.samplers.dpm_single import DPM_SINGLE
@@ -101,6 +102,16 @@ def sample(model_fn, x, plan: Plan, keys=None, known=None):
     region where mask == 0 is replaced by `x0` noised to the new level (diffusers' blending).
     """
     return run(get(plan.sampler), model_fn, x, plan, keys, known)
+
+
+def sample_differentiable(model_fn, params, x, plan: Plan, keys=None, known=None, *, max_steps: int,
+                          grad_steps: int | None = None, remat: bool = True):
+    """`sample` as a loop that reverse-mode autodiff passes (samplers/differentiable.py):
+    model_fn(params, x_in, t, step), with `params` every value the gradient should reach; a scan of
+    `max_steps` (static) whatever the plan's step count; grad_steps=K backpropagates through the
+    last K steps only (DRaFT-K); remat recomputes each step's activations in the backward pass."""
+    return run_differentiable(get(plan.sampler), model_fn, params, x, plan, keys, known, max_steps=max_steps,
+                              grad_steps=grad_steps, remat=remat)
 
 
 def for_scheduler(class_name: str, config: SchedulerConfig) -> str:

@@ -61,12 +61,15 @@ def _dpm_step(model_fn, x, i, plan, previous_x0, keys):
     out = model_fn(x, plan.timesteps[i]).astype(jnp.float32)
     x0 = predicted_x0(out, x, alpha_s0, sigma_s0, config.prediction_type)
     first = (sigma_t / sigma_s0) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
-    d1 = (1.0 / (h_0 / h)) * (x0 - previous_x0)
+    first_order = use_first_order(i, plan)
+    # where the step is first order h_0 / h may be 0 or infinite: an unused value, but its infinite
+    # derivative would turn the gradient through the other branch of the `where` into NaN
+    d1 = (1.0 / jnp.where(first_order, 1.0, h_0 / h)) * (x0 - previous_x0)
     if config.solver_type == "midpoint":
         second = first - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
     else:  # heun
         second = first + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
-    return jnp.where(use_first_order(i, plan), first, second), x0
+    return jnp.where(first_order, first, second), x0
 
 
 def use_first_order(i, plan):

@@ -20,12 +20,15 @@ def _sde_step(model_fn, x, i, plan, previous_x0, keys):
     gain = alpha_t * (1 - jnp.exp(-2.0 * h))
     noise = sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * step_noise(keys, i, x)
     first = decay * x + gain * x0 + noise
-    d1 = (1.0 / (h_0 / h)) * (x0 - previous_x0)
+    first_order = use_first_order(i, plan)
+    # where the step is first order h_0 / h may be 0 or infinite: an unused value, but its infinite
+    # derivative would turn the gradient through the other branch of the `where` into NaN
+    d1 = (1.0 / jnp.where(first_order, 1.0, h_0 / h)) * (x0 - previous_x0)
     if config.solver_type == "midpoint":
         second = decay * x + gain * x0 + 0.5 * gain * d1 + noise
     else:  # heun: the phi_2 weight of the SDE step
         second = decay * x + gain * x0 + (alpha_t * ((1.0 - jnp.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1 + noise
-    return jnp.where(use_first_order(i, plan), first, second), x0
+    return jnp.where(first_order, first, second), x0
 
 
 _SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
