@@ -9,6 +9,7 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
     <workdir>/pipeline/             the trained model as a diffusers pipeline folder (sample.py --model)
     <workdir>/lora/                 instead, with config.lora.rank > 0: the trained LoRA (sample.py --lora)
     <workdir>/samples/grid.png, <workdir>/evaluation.json
+    <workdir>/controlnet/, <workdir>/reward/   the optional 'controlnet' and 'reward' stages (config.stages)
 """
 
 import json
@@ -27,7 +28,7 @@ from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
 from jdiff.paths import Path
 
-STAGES = ("vae", "diffusion", "controlnet")
+STAGES = ("vae", "diffusion", "controlnet", "reward")
 
 
 def data_sources(config, workdir: Path):
@@ -214,6 +215,14 @@ def run(config, workdir) -> dict:
         if control_results is None:
             return stopped
         results["controlnet"] = control_results
+    if "reward" in requested:
+        from jdiff.app.reward_finetuning import train_reward
+
+        reward_results = train_reward(config, workdir, train_source, test_source, pipe,
+                                      lambda section: _loader(train_source, section, config.seed))
+        if reward_results is None:
+            return stopped
+        results["reward"] = reward_results
     return results
 
 

@@ -203,12 +203,16 @@ def score_scenes(images: Sequence[np.ndarray], scenes: Sequence[Sequence[Sequenc
 
 def described_scenes(source, count: int) -> list[list[tuple]]:
     """Every described object's (shape, colour, size, position) ids, per example of a shapes source."""
-    scenes = []
-    for i in range(min(count, len(source))):
-        item = source[i]
-        table = np.asarray(item["objects"]).reshape(-1, 4)[:int(item["num_objects"])]
-        scenes.append([tuple(int(v) for v in row) for row in table])
-    return scenes
+    items = [source[i] for i in range(min(count, len(source)))]
+    return scenes_of_batch({"objects": np.stack([np.asarray(it["objects"]) for it in items]),
+                            "num_objects": np.asarray([it["num_objects"] for it in items])})
+
+
+def scenes_of_batch(batch: dict) -> list[list[tuple]]:
+    """`described_scenes` of a batch of shapes examples ("objects" [B, MAX_OBJECTS, 4] padded with -1,
+    "num_objects" [B])."""
+    tables = np.asarray(batch["objects"]).reshape(len(batch["num_objects"]), -1, 4)
+    return [[tuple(int(v) for v in row) for row in table[:int(n)]] for table, n in zip(tables, batch["num_objects"])]
 
 
 def first_objects(source, count: int) -> tuple[list[str], list[tuple]]:

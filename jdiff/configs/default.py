@@ -165,6 +165,18 @@ def get_config() -> ml_collections.ConfigDict:
         conditioning_embedding_out_channels=(16, 32), num_prompts=200, guidance=4.0))
     config.controlnet_train = train_section(steps=2000, batch_size=32, learning_rate=5e-4, eval_every=100_000)
 
+    # The "reward" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): DRaFT-K reward
+    # fine-tuning (jdiff/app/reward_finetuning.py) of the trained U-Net (lora_rank > 0: LoRA adapters on
+    # config.lora.unet_targets instead) against jdiff/app/shapes_reward.py's soft colour-per-cell reward:
+    # pictures sampled from training captions (steps of sampler, guidance), gradients through the last
+    # grad_steps steps. Exports <workdir>/reward/export (or reward/lora) and writes reward_evaluation.json:
+    # whole-scene adherence of num_prompts held-out captions before and after, judged by the detector.
+    config.reward = ml_collections.ConfigDict(dict(
+        sampler="dpm++2m", steps=10, grad_steps=1, guidance=4.0, lora_rank=0,
+        num_prompts=200, eval_guidance=4.0, eval_seed=100_000))
+    config.reward_train = train_section(steps=300, batch_size=8, learning_rate=1e-5, warmup_steps=20,
+                                        ema_decay=0.99, checkpoint_every=100, eval_every=100_000)
+
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))
     config.evaluate = ml_collections.ConfigDict(dict(num_prompts=200, batch_size=50, guidances=(1.0, 4.0)))
