@@ -9,7 +9,8 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
     <workdir>/pipeline/             the trained model as a diffusers pipeline folder (sample.py --model)
     <workdir>/lora/                 instead, with config.lora.rank > 0: the trained LoRA (sample.py --lora)
     <workdir>/samples/grid.png, <workdir>/evaluation.json
-    <workdir>/controlnet/, <workdir>/reward/   the optional 'controlnet' and 'reward' stages (config.stages)
+    <workdir>/controlnet/, <workdir>/reward/, <workdir>/consistency/   the optional 'controlnet', 'reward'
+                                    and 'consistency' stages (config.stages), each with its *_evaluation.json
 """
 
 import json
@@ -28,7 +29,7 @@ from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
 from jdiff.paths import Path
 
-STAGES = ("vae", "diffusion", "controlnet", "reward")
+STAGES = ("vae", "diffusion", "controlnet", "reward", "consistency")
 
 
 def data_sources(config, workdir: Path):
@@ -223,6 +224,14 @@ def run(config, workdir) -> dict:
         if reward_results is None:
             return stopped
         results["reward"] = reward_results
+    if "consistency" in requested:
+        from jdiff.app.consistency_distillation import train_consistency
+
+        distilled = train_consistency(config, workdir, train_source, test_source, pipe,
+                                      lambda source, section: _loader(source, section, config.seed))
+        if distilled is None:
+            return stopped
+        results["consistency"] = distilled
     return results
 
 

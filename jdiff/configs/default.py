@@ -177,6 +177,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.reward_train = train_section(steps=300, batch_size=8, learning_rate=1e-5, warmup_steps=20,
                                         ema_decay=0.99, checkpoint_every=100, eval_every=100_000)
 
+    # The "consistency" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): latent
+    # consistency distillation (jdiff/app/consistency_distillation.py) of the trained U-Net into a student
+    # that takes the guidance scale through time_cond_proj_dim (LCM checkpoints' layout) and draws in 1-4
+    # LCM steps. Exports <workdir>/consistency/export (an LCMScheduler pipeline) and writes
+    # consistency_evaluation.json: whole-scene adherence at eval_steps student steps and the teacher's.
+    config.consistency = ml_collections.ConfigDict(dict(
+        time_cond_proj_dim=256, guidance_range=(2.0, 6.0), huber_c=0.001,
+        num_prompts=200, eval_guidance=4.0, eval_steps=(1, 2, 4), eval_seed=100_000))
+    config.consistency_train = train_section(steps=1500, batch_size=32, learning_rate=1e-4, warmup_steps=50,
+                                             ema_decay=0.99, eval_every=100_000)
+
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))
     config.evaluate = ml_collections.ConfigDict(dict(num_prompts=200, batch_size=50, guidances=(1.0, 4.0)))

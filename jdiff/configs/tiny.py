@@ -13,10 +13,12 @@ def get_config():
     config.unet.update(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=2,
                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    for section in (config.vae_train, config.diffusion_train, config.controlnet_train, config.reward_train):
+    for section in (config.vae_train, config.diffusion_train, config.controlnet_train, config.reward_train,
+                    config.consistency_train):
         section.update(steps=6, batch_size=8, warmup_steps=2, log_every=2, checkpoint_every=3, eval_every=6)
     config.sample.update(steps=2, num_prompts=4)
     config.evaluate.update(num_prompts=8, batch_size=8)
     config.controlnet.update(num_prompts=8)
     config.reward.update(steps=3, num_prompts=8)
+    config.consistency.update(time_cond_proj_dim=32, num_prompts=8, eval_steps=(1, 2))
     return config
