@@ -41,6 +41,10 @@ def test_the_reward_prefers_faithful_pictures_and_has_gradients():
     moved = shapes_reward.reward(_pictures(scenes, lambda s: tuple(
         p._replace(x=(p.x + 1 / 3) % 1) for p in s)), targets)  # one cell to the right (wrapping)
     assert float(moved.mean()) < 0
+    small = np.array([all(p.object.size == 0 for p in s) for s in scenes])
+    enlarged = shapes_reward.reward(_pictures(scenes, lambda s: tuple(p._replace(diameter=p.diameter * 1.35) for p in s)),
+                                    targets)  # small objects drawn large
+    assert float(enlarged[small].mean()) < float(real[small].mean()) - 0.2
     grad = jax.grad(lambda x: shapes_reward.reward(x, targets).sum())(_pictures(scenes, lambda s: s[:1]))
     assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
 

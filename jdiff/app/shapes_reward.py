@@ -3,10 +3,10 @@ fine-tuning and noise optimisation (jdiff.differentiable).
 
 It is deliberately not the judge (`shapes_eval.detect`, which thresholds, labels connected regions
 and reads shapes from angular harmonics): it measures soft colour statistics per grid cell. For every
-described object, the share of its cell covered by pixels near its colour should reach the share the
+described object, the share of its cell covered by pixels near its colour should match the share the
 object covers in real pictures; colourful pixels in the cells no object was described in are
-penalised. So it rewards the right colour in the right place and nothing extra, and knows nothing
-of shape: a gain in the judge's shape accuracy cannot come from the reward grading itself.
+penalised. So it rewards the right colour in the right place at the right size and nothing extra,
+and knows nothing of shape: a gain in the judge's shape accuracy cannot come from the reward grading itself.
 """
 
 import jax
@@ -19,9 +19,9 @@ _COLOUR_WIDTH = 0.12  # RGB distance (0..sqrt(3)) at which a pixel's match with 
 _CHROMA_EDGE, _CHROMA_SOFTNESS = 0.18, 0.03  # the detector's colourfulness threshold, softened
 _STRAY_WEIGHT = 1.0
 # Real pictures' pixels match their object's colour over about 0.8 of the object's area at this
-# width (shades vary by +-12 levels, edges are antialiased; 0.69-0.86 by shape, size and colour on 400
+# width (shades vary by +-12 levels, edges are antialiased; means of 0.69-0.86 by shape, size and colour on 400
 # train pictures): the target is this fraction of the area, so a faithful picture earns the full reward.
-_REAL_MATCH = 0.75
+_REAL_MATCH = 0.8
 
 
 def scene_targets(scenes, resolution: int, palette: shapes.Palette = shapes.PALETTE) -> dict:
@@ -51,9 +51,10 @@ def scene_targets(scenes, resolution: int, palette: shapes.Palette = shapes.PALE
 
 
 def reward(images: jax.Array, targets: dict) -> jax.Array:
-    """[B] rewards in about [-1, 1] of pictures [B, H, W, 3] in [0, 1]: per described object, its
-    colour's coverage of its cell over the real share (capped at 1), averaged over the objects,
-    minus the colourful share of the cells that should be empty."""
+    """[B] rewards in about [-1, 1] of pictures [B, H, W, 3] in [0, 1]: per described object, how
+    close its colour's coverage of its cell comes to the share a real object of its shape and size
+    covers (coverage / share, or its inverse when larger), averaged over the objects, minus the
+    colourful share of the cells that should be empty."""
     images = images.astype(jnp.float32)
     chroma = images.max(axis=-1) - images.min(axis=-1)
     colourful = jax.nn.sigmoid((chroma - _CHROMA_EDGE) / _CHROMA_SOFTNESS)  # [B, H, W]
@@ -61,7 +62,8 @@ def reward(images: jax.Array, targets: dict) -> jax.Array:
     match = jnp.exp(-distance / (2 * _COLOUR_WIDTH ** 2)) * colourful[:, None]
     cell_area = jnp.maximum(targets["cells"].sum(axis=(-2, -1)), 1.0)
     coverage = jnp.sum(match * targets["cells"], axis=(-2, -1)) / cell_area  # [B, K]
-    hit = jnp.minimum(coverage / targets["shares"].clip(1e-3), 1.0)
+    ratio = coverage / targets["shares"].clip(1e-3)
+    hit = jnp.minimum(ratio, 1.0 / jnp.maximum(ratio, 1e-3))  # too little and too much (a small object drawn large) lose alike
     valid = targets["valid"]
     objects = jnp.sum(hit * valid, axis=-1) / jnp.maximum(valid.sum(axis=-1), 1.0)
     empty_area = jnp.maximum(targets["empty"].sum(axis=(-2, -1)), 1.0)
