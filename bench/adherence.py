@@ -2,7 +2,8 @@
 evaluation.json (200 captions, seeds 0..199): is a run's figure the model or the draw?
 
 For each guidance scale: colour and shape accuracy over the first N test captions (held-out
-combinations), shape accuracy of small and large objects, and the shape confusion matrix (rows:
+combinations), whole-scene adherence (every described object, `shapes_eval.score_scenes`), shape
+accuracy of small and large objects, and the shape confusion matrix (rows:
 the prompt's shape, columns: what `jdiff.app.shapes_eval.detect` reads), with image i drawn from seed
 `--seed + i`.
 
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jdiff import load_pipeline  # noqa: E402
 from jdiff.app import shapes  # noqa: E402
 from jdiff.app.shapes_tfds import load_shapes  # noqa: E402
-from jdiff.app.shapes_eval import detect, first_objects, generate_batched, match  # noqa: E402
+from jdiff.app.shapes_eval import (described_scenes, detect, first_objects, generate_batched, match,  # noqa: E402
+                                   score_scenes)
 
 
 def adherence(images, labels) -> dict:
@@ -59,12 +61,14 @@ def main():
                          num_train=data["num_train"], num_test=data["num_test"], seed=config["seed"])
     pipe = load_pipeline(workdir / "pipeline")
     captions, labels = first_objects(source, args.num_prompts)
+    scenes = described_scenes(source, args.num_prompts)
     results = []
     for guidance in args.guidances:
         images = generate_batched(pipe, captions, guidance=guidance, sampler=sample["sampler"], steps=sample["steps"],
                                   batch_size=args.batch_size, seed=args.seed)
         result = dict(name=f"guidance_{guidance:g}", guidance=guidance, num_prompts=len(captions), seed=args.seed,
-                      sampler=sample["sampler"], steps=sample["steps"], **adherence(images, labels))
+                      sampler=sample["sampler"], steps=sample["steps"], **adherence(images, labels),
+                      whole_scene=score_scenes(images, scenes))
         print(json.dumps(result), flush=True)
         results.append(result)
     out = args.out or Path(__file__).parent / "results" / f"adherence_{workdir.name}.json"
