@@ -47,6 +47,9 @@ class Stage:
     frozen: Any = None  # parameters the stage uses but does not train
     evaluate: Optional[Callable[[Any, int], dict]] = None  # (ema params, step) -> scalars (and images)
     model_meta: dict = dataclasses.field(default_factory=dict)  # configs a resume must agree with
+    # True: loss_fn finds the EMA of the trained params in frozen["ema"] (a consistency model's target
+    # network is an EMA of the student, at the section's ema_decay)
+    reads_ema: bool = False
 
 
 class TrainResult(NamedTuple):
@@ -80,9 +83,12 @@ def init_state(rng, stage: Stage, optimizer) -> TrainState:
                       ema_params=params, rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
 
 
-def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, ema_decay: float):
+def train_step(state: TrainState, batch: dict, frozen, *, loss_fn, optimizer, ema_decay: float,
+               reads_ema: bool = False):
     """One optimizer (micro-)step. Pure: the randomness is fold_in(state.rng, state.step)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if reads_ema:
+        frozen = {**frozen, "ema": jax.lax.stop_gradient(state.ema_params)}
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -201,7 +207,8 @@ def train(stage: Stage, config, workdir, loader, *, mesh: Optional[Mesh] = None,
     frozen = sharding.put(stage.frozen, frozen_shardings)
 
     step_fn = jax.jit(
-        functools.partial(train_step, loss_fn=stage.loss_fn, optimizer=optimizer, ema_decay=config.ema_decay),
+        functools.partial(train_step, loss_fn=stage.loss_fn, optimizer=optimizer, ema_decay=config.ema_decay,
+                          reads_ema=stage.reads_ema),
         in_shardings=(state_shardings, batch_sharding, frozen_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     schedule = learning_rate_schedule(config)
