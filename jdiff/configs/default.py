@@ -174,7 +174,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.reward = ml_collections.ConfigDict(dict(
         sampler="dpm++2m", steps=10, grad_steps=1, guidance=4.0, lora_rank=0,
         num_prompts=200, eval_guidance=4.0, eval_seed=100_000))
-    config.reward_train = train_section(steps=300, batch_size=8, learning_rate=1e-5, warmup_steps=20,
+    config.reward_train = train_section(steps=150, batch_size=8, learning_rate=1e-5, warmup_steps=20,
                                         ema_decay=0.99, checkpoint_every=100, eval_every=100_000)
 
     # The "consistency" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): latent
@@ -186,7 +186,7 @@ def get_config() -> ml_collections.ConfigDict:
         time_cond_proj_dim=256, guidance_range=(2.0, 6.0), huber_c=0.001,
         num_prompts=200, eval_guidance=4.0, eval_steps=(1, 2, 4), eval_seed=100_000))
     # ema_decay: the target network's (LCM's 0.95); the export is the online student
-    config.consistency_train = train_section(steps=1000, batch_size=32, learning_rate=5e-5, warmup_steps=50,
+    config.consistency_train = train_section(steps=300, batch_size=32, learning_rate=5e-5, warmup_steps=50,
                                              ema_decay=0.95, eval_every=100_000)
 
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
