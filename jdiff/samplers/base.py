@@ -164,15 +164,21 @@ def run(sampler: Sampler, model_fn, x, plan: Plan, keys, known=None):
         x, state = carry
         step_fn = functools.partial(model_fn, step=i) if getattr(model_fn, "step_aware", False) else model_fn
         x, state = sampler.step(step_fn, x, i, plan, state, keys)
-        if known is not None:
-            x0, mask, noise = known
-            level = i + 1
-            reference = jnp.where(level < plan.stop, sampler.add_noise(x0, noise, plan, level), x0)
-            x = (1 - mask) * reference + mask * x
-        return x, state
+        return keep_known(sampler, x, i, plan, known), state
 
     x, _ = jax.lax.fori_loop(plan.start, plan.stop, body, (x, sampler.init_state(x)))
     return x
+
+
+def keep_known(sampler: Sampler, x, i, plan: Plan, known):
+    """After step i, the region where known's mask == 0 replaced by its x0 noised to the new level
+    (inpainting with an ordinary model, diffusers' blending); x unchanged when known is None."""
+    if known is None:
+        return x
+    x0, mask, noise = known
+    level = i + 1
+    reference = jnp.where(level < plan.stop, sampler.add_noise(x0, noise, plan, level), x0)
+    return (1 - mask) * reference + mask * x
 
 
 def clip_x0(x0, config: SchedulerConfig):

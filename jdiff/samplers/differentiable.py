@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiff.errors import ConfigError
-from jdiff.samplers.base import Plan, Sampler
+from jdiff.samplers.base import Plan, Sampler, keep_known
 
 
 def check_max_steps(plan: Plan, max_steps: int, grad_steps=None) -> None:
@@ -54,12 +54,7 @@ def run_differentiable(sampler: Sampler, model_fn, params, x, plan: Plan, keys=N
     def one_step(params, i, carry):
         x, state = carry
         x, state = sampler.step(lambda x, t: model_fn(params, x, t, i), x, i, plan, state, keys)
-        if known is not None:
-            x0, mask, noise = known
-            level = i + 1
-            reference = jnp.where(level < plan.stop, sampler.add_noise(x0, noise, plan, level), x0)
-            x = (1 - mask) * reference + mask * x
-        return x, state
+        return keep_known(sampler, x, i, plan, known), state
 
     x = x.astype(jnp.float32)
     carry = (x, sampler.init_state(x))
