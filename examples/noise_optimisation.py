@@ -1,7 +1,8 @@
 """Optimise the starting noise of held-out prompts for a differentiable reward, the model fixed
 (as DOODL / ReNO do): gradients of the reward of decoded pictures with respect to the noise, through
 every sampling step (jdiff.differentiable, rematerialised), then the detector's judgement before and
-after.
+after. The update is `jdiff.noise_optimisation.make_update`; the 'noise' stage of train.py runs the
+same on a trained workdir, in resumable batches, and writes noise_evaluation.json.
 
     python train.py --workdir runs/shapes                      # a trained model first
     python examples/noise_optimisation.py runs/shapes/pipeline --prompts 32 --iterations 20
@@ -10,11 +11,8 @@ after.
 import argparse
 
 import jax
-import jax.numpy as jnp
-import optax
-
 import jdiff
-from jdiff import differentiable as dg
+from jdiff import differentiable as dg, noise_optimisation
 from jdiff.app import shapes, shapes_eval, shapes_reward
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,29 +42,15 @@ def pictures(noise):
                      max_steps=args.steps)
 
 
-def loss(noise):
-    rewards = shapes_reward.reward(pictures(noise), targets)
-    # keep the noise a plausible Gaussian draw: its per-image mean square stays near 1
-    drift = jnp.mean((jnp.mean(noise ** 2, axis=(1, 2, 3)) - 1.0) ** 2)
-    return -jnp.mean(rewards) + drift, rewards
-
-
-optimiser = optax.adam(args.learning_rate)
-
-
-@jax.jit
-def update(noise, state):
-    (value, rewards), grad = jax.value_and_grad(loss, has_aux=True)(noise)
-    changes, state = optimiser.update(grad, state, noise)
-    return optax.apply_updates(noise, changes), state, jnp.mean(rewards)
-
+update = noise_optimisation.make_update(pipe, plan, shapes_reward.reward, guidance=args.guidance,
+                                        learning_rate=args.learning_rate)
 
 noise = jax.random.normal(jax.random.key(args.seed), dg.latent_shape(pipe, len(captions), args.size, args.size))
 before = shapes_eval.score_scenes(list(jax.jit(pictures)(noise)), scenes)
-state = optimiser.init(noise)
+state = update.init(noise)
 for iteration in range(args.iterations):
-    noise, state, reward = update(noise, state)
-    print(f"iteration {iteration + 1}/{args.iterations}: mean reward {float(reward):.3f}", flush=True)
+    noise, state, rewards = update(noise, state, pipe.params, cond, negative, targets)
+    print(f"iteration {iteration + 1}/{args.iterations}: mean reward {float(rewards.mean()):.3f}", flush=True)
 after = shapes_eval.score_scenes(list(jax.jit(pictures)(noise)), scenes)
 for name in ("whole_scene_accuracy", "count_accuracy", "two_objects_accuracy", "object_colour_accuracy",
              "object_shape_accuracy"):

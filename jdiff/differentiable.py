@@ -130,6 +130,13 @@ def sample(pipe: Pipeline, params, cond, noise, plan: samplers.Plan, *, negative
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+def noise_from_seeds(pipe: Pipeline, seeds, height: int, width: int) -> jax.Array:
+    """Starting noise [B, h, w, C], image b's drawn from seeds[b] as `jdiff.generate(seed=...)` draws it."""
+    keys = jax.vmap(jax.random.fold_in, (0, None))(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), 0)
+    shape = latent_shape(pipe, 1, height, width)[1:]
+    return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
+
+
 def per_image_keys(seeds) -> jax.Array:
     """PRNG keys [B] for stochastic samplers, as generate() derives them from per-image seeds."""
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))

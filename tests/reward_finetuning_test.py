@@ -49,6 +49,23 @@ def test_the_reward_prefers_faithful_pictures_and_has_gradients():
     assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
 
 
+def test_the_reward_calibrates_on_the_pictures_a_model_can_draw():
+    scenes = [shapes.scene(i, "test") for i in range(200)]
+    described = [[tuple(p.object) for p in s] for s in scenes]
+    real = np.asarray(_pictures(scenes))
+    padded = np.pad(real, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")  # a 3x3 box blur: a soft decoder
+    blurred = sum(padded[:, i:i + 32, j:j + 32] for i in range(3) for j in range(3)) / 9
+    on_real = shapes_reward.calibrate(real, described, 32)
+    np.testing.assert_allclose(on_real.match, shapes_reward.REAL_PICTURES.match, atol=0.15)  # the documented defaults
+    np.testing.assert_allclose(on_real.area, shapes_reward.REAL_PICTURES.area, atol=0.25)
+    on_blurred = shapes_reward.calibrate(blurred, described, 32)
+    assert on_blurred.area.mean() > on_real.area.mean() + 0.05 and on_blurred.match.mean() < on_real.match.mean()
+    # blurred pictures lose reward against real pictures' calibration, not against their own
+    own = shapes_reward.reward(jnp.asarray(blurred), shapes_reward.scene_targets(described, 32, on_blurred))
+    other = shapes_reward.reward(jnp.asarray(blurred), shapes_reward.scene_targets(described, 32))
+    assert float(own.mean()) > float(other.mean()) + 0.05, (float(own.mean()), float(other.mean()))
+
+
 def _train(pipe, workdir, data_dir, lora=None, **section):
     config = tiny.get_config()
     config.reward_train.update(log_every=1, checkpoint_every=2, batch_size=8, **section)

@@ -26,7 +26,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from jdiff import distributed, families, guidance as guidance_lib, schedules, sharding, train_lib
+from jdiff import distributed, guidance as guidance_lib, schedules, sharding, train_lib
 from jdiff.app import shapes_eval, stages
 from jdiff.data import encode_source
 from jdiff.errors import ConfigError
@@ -158,14 +158,7 @@ def evaluate(teacher: Pipeline, student: Pipeline, test_source, *, num_prompts: 
 def train_consistency(config, workdir: Path, train_source, test_source, pipe: Pipeline | None,
                       loader_fn) -> dict | None:
     """The `consistency` stage of the recipe (shapes data); None when stopped early (run_steps)."""
-    if config.data.dataset != "shapes" or test_source is None:
-        raise ConfigError("the consistency stage is judged on the shapes set's held-out scenes: data.dataset='shapes'.")
-    if pipe is None:
-        exported = workdir / "pipeline"
-        if not (exported / "model_index.json").is_file():
-            raise ConfigError(f"the consistency stage distils a trained model: {exported} does not exist. Run the "
-                              f"'diffusion' stage first (config.stages).")
-        pipe = families.load_pipeline(exported, dtype=stages.compute_dtype(config))
+    pipe = stages.trained_pipeline(config, workdir, pipe, "consistency", test_source)
     section = config.consistency
     student = student_pipeline(pipe, section.time_cond_proj_dim)
     source = encode_source(stages.latent_encoder(pipe.vae, pipe.params["vae"]), train_source,

@@ -9,8 +9,9 @@ Workdir layout (every stage resumes from its own checkpoints; a finished stage i
     <workdir>/pipeline/             the trained model as a diffusers pipeline folder (sample.py --model)
     <workdir>/lora/                 instead, with config.lora.rank > 0: the trained LoRA (sample.py --lora)
     <workdir>/samples/grid.png, <workdir>/evaluation.json
-    <workdir>/controlnet/, <workdir>/reward/, <workdir>/consistency/   the optional 'controlnet', 'reward'
-                                    and 'consistency' stages (config.stages), each with its *_evaluation.json
+    <workdir>/controlnet/, <workdir>/reward/, <workdir>/consistency/, <workdir>/noise/   the optional
+                                    'controlnet', 'reward', 'consistency' and 'noise' stages
+                                    (config.stages), each with its *_evaluation.json
 """
 
 import json
@@ -29,7 +30,7 @@ from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
 from jdiff.paths import Path
 
-STAGES = ("vae", "diffusion", "controlnet", "reward", "consistency")
+STAGES = ("vae", "diffusion", "controlnet", "reward", "consistency", "noise")
 
 
 def data_sources(config, workdir: Path):
@@ -232,6 +233,10 @@ def run(config, workdir) -> dict:
         if distilled is None:
             return stopped
         results["consistency"] = distilled
+    if "noise" in requested:
+        from jdiff.app.noise_stage import train_noise
+
+        results["noise"] = train_noise(config, workdir, train_source, test_source, pipe)
     return results
 
 
@@ -243,14 +248,7 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
     from jdiff.app.shapes_control import OutlineControl
     from jdiff.models import controlnet
 
-    if config.data.dataset != "shapes" or test_source is None:
-        raise ConfigError("the controlnet stage trains on the shapes set's object outlines: data.dataset='shapes'.")
-    if pipe is None:
-        exported = workdir / "pipeline"
-        if not (exported / "model_index.json").is_file():
-            raise ConfigError(f"the controlnet stage needs a trained model: {exported} does not exist. Run the "
-                              f"'diffusion' stage first (config.stages).")
-        pipe = families.load_pipeline(exported, dtype=stages.compute_dtype(config))
+    pipe = stages.trained_pipeline(config, workdir, pipe, "controlnet", test_source)
     section, resolution = config.controlnet, config.data.resolution
     module, params = controlnet.from_unet(
         pipe.unet, pipe.params["unet"], jax.random.key(config.seed), dtype=stages.compute_dtype(config),

@@ -13,8 +13,9 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jdiff import differentiable as dg, distributed, families, sharding, train_lib
+from jdiff import differentiable as dg, distributed, sharding, train_lib
 from jdiff.app import shapes_eval, shapes_reward, stages
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
@@ -24,11 +25,13 @@ from jdiff.train_lib import Stage
 
 
 def reward_stage(pipe: Pipeline, reward_fn, *, resolution: int, sampler: str, steps: int, grad_steps: int,
-                 guidance: float, lora: lora_training.LoraSpec | None = None, model_meta: dict | None = None) -> Stage:
-    """DRaFT-K on `pipe`'s denoiser: batches carry "tokens" and the reward's "targets"; the loss is
-    minus the mean reward of pictures sampled (`steps` of `sampler`, classifier-free guidance
-    `guidance`) from fresh noise, differentiated through the last `grad_steps` steps. Text encoders
-    and VAE stay frozen; with `lora`, the denoiser too (only its adapters train)."""
+                 guidance: float, lora: lora_training.LoraSpec | None = None, model_meta: dict | None = None,
+                 calibration: shapes_reward.Calibration = shapes_reward.REAL_PICTURES) -> Stage:
+    """DRaFT-K on `pipe`'s denoiser: batches carry "tokens" and the reward's "targets" (of
+    `calibration`); the loss is minus the mean reward of pictures sampled (`steps` of `sampler`,
+    classifier-free guidance `guidance`) from fresh noise, differentiated through the last
+    `grad_steps` steps. Text encoders and VAE stay frozen; with `lora`, the denoiser too (only its
+    adapters train)."""
     family, denoiser = pipe.family, pipe.family.denoiser_name
     plan = dg.make_plan(pipe, steps, height=resolution, width=resolution, sampler=sampler)
     shape = dg.latent_shape(pipe, 1, resolution, resolution)[1:]
@@ -59,7 +62,7 @@ def reward_stage(pipe: Pipeline, reward_fn, *, resolution: int, sampler: str, st
     def prepare_batch(batch):
         scenes = shapes_eval.scenes_of_batch(batch)
         return {"tokens": family.tokenize(pipe, [str(c) for c in batch["caption"]], warn=False),
-                "targets": shapes_reward.scene_targets(scenes, resolution)}
+                "targets": shapes_reward.scene_targets(scenes, resolution, calibration)}
 
     frozen = {n: pipe.params[n] for n in pipe.params if n not in trained}
     meta = {n: m.config.to_dict() for n, m in pipe.modules.items()}
@@ -81,24 +84,20 @@ def evaluate(pipe: Pipeline, test_source, *, num_prompts: int, guidance: float, 
 
 def train_reward(config, workdir: Path, train_source, test_source, pipe: Pipeline | None, loader_fn) -> dict | None:
     """The `reward` stage of the recipe (shapes data); None when stopped early (run_steps)."""
-    if config.data.dataset != "shapes" or test_source is None:
-        raise ConfigError("the reward stage scores pictures of the shapes set's scenes: data.dataset='shapes'.")
     section = config.reward
     if not 1 <= section.grad_steps <= section.steps:
         raise ConfigError(f"reward.grad_steps must be in 1..reward.steps ({section.steps}), got {section.grad_steps}.")
-    if pipe is None:
-        exported = workdir / "pipeline"
-        if not (exported / "model_index.json").is_file():
-            raise ConfigError(f"the reward stage fine-tunes a trained model: {exported} does not exist. Run the "
-                              f"'diffusion' stage first (config.stages).")
-        pipe = families.load_pipeline(exported, dtype=stages.compute_dtype(config))
+    pipe = stages.trained_pipeline(config, workdir, pipe, "reward", test_source)
     section, resolution = config.reward, config.data.resolution
     lora = None
     if section.lora_rank > 0:
         lora = lora_training.LoraSpec(int(section.lora_rank), float(section.lora_rank),
                                       {pipe.family.denoiser_name: tuple(config.lora.unet_targets)})
+    # the reward asks for objects as the model's VAE draws real ones (shapes_reward.Calibration)
+    calibration = shapes_reward.calibrate_on_reconstructions(pipe, train_source)
     stage = reward_stage(pipe, shapes_reward.reward, resolution=resolution, sampler=section.sampler,
-                         steps=section.steps, grad_steps=section.grad_steps, guidance=section.guidance, lora=lora)
+                         steps=section.steps, grad_steps=section.grad_steps, guidance=section.guidance, lora=lora,
+                         calibration=calibration)
     state, _ = train_lib.train(stage, config.reward_train, workdir / "reward", loader_fn(config.reward_train),
                                total_batch=config.reward_train.batch_size)
     if int(state.step) < config.reward_train.steps:
@@ -118,6 +117,7 @@ def train_reward(config, workdir: Path, train_source, test_source, pipe: Pipelin
               batch_size=config.evaluate.batch_size, seed=section.eval_seed)
     results = {"before": evaluate(pipe, test_source, **kw), "after": evaluate(tuned, test_source, **kw),
                "judge": "shapes_eval.score_scenes (the detector); trained on shapes_reward.reward",
+               "reward_calibration": {k: np.round(v, 4).tolist() for k, v in calibration._asdict().items()},
                "held_out_captions": section.num_prompts, "guidance": section.eval_guidance,
                "sampler": s.sampler, "steps": s.steps, "seed": section.eval_seed}
     if distributed.is_main():

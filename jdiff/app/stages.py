@@ -25,6 +25,20 @@ def compute_dtype(config):
     return jnp.dtype(config.dtype)
 
 
+def trained_pipeline(config, workdir, pipe: Pipeline | None, stage: str, test_source) -> Pipeline:
+    """What a stage after 'diffusion' works on: `pipe` when the same run trained it, else the export
+    in <workdir>/pipeline. Those stages judge held-out scenes of the shapes set: they refuse other data."""
+    if config.data.dataset != "shapes" or test_source is None:
+        raise ConfigError(f"the {stage} stage is judged on the shapes set's held-out scenes: data.dataset='shapes'.")
+    if pipe is not None:
+        return pipe
+    exported = workdir / "pipeline"
+    if not (exported / "model_index.json").is_file():
+        raise ConfigError(f"the {stage} stage works on a trained model: {exported} does not exist. Run the "
+                          f"'diffusion' stage first (config.stages).")
+    return families.load_pipeline(exported, dtype=compute_dtype(config))
+
+
 # --- the VAE ------------------------------------------------------------------------------------
 
 

@@ -189,6 +189,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.consistency_train = train_section(steps=300, batch_size=32, learning_rate=5e-5, warmup_steps=50,
                                              ema_decay=0.95, eval_every=100_000)
 
+    # The "noise" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): optimises the
+    # starting noise of num_prompts held-out captions for shapes_reward's reward, the model fixed
+    # (jdiff/app/noise_stage.py): batches of batch_size, `iterations` Adam steps each through every one
+    # of `steps` sampler steps; prompt i starts from seed + i. Writes <workdir>/noise/ (the optimised
+    # noise per batch, resumable; the pictures) and noise_evaluation.json (the detector, before and after).
+    # Each batch is split over num_devices devices (0 = all; the batch must divide by their number).
+    config.noise = ml_collections.ConfigDict(dict(
+        num_prompts=200, batch_size=20, iterations=20, learning_rate=0.05, prior_weight=1.0,
+        sampler="dpm++2m", steps=10, guidance=4.0, seed=100_000, num_devices=0))
+
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
     config.sample = ml_collections.ConfigDict(dict(sampler="dpm++2m", steps=25, guidance=4.0, num_prompts=16))
     config.evaluate = ml_collections.ConfigDict(dict(num_prompts=200, batch_size=50, guidances=(1.0, 4.0)))

@@ -21,4 +21,5 @@ def get_config():
     config.controlnet.update(num_prompts=8)
     config.reward.update(steps=3, num_prompts=8)
     config.consistency.update(time_cond_proj_dim=32, num_prompts=8, eval_steps=(1, 2))
+    config.noise.update(num_prompts=10, batch_size=8, iterations=2, steps=3)
     return config
