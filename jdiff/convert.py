@@ -71,13 +71,7 @@ def _require_folder(folder) -> Path:
     return folder
 
 
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing.")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+read_json = paths.read_json
 
 
 def _weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -253,57 +247,42 @@ def save_component(kind: Component, module, params, folder) -> None:
     write_folder(folder, config, state, kind.weights_name)
 
 
+_DIFFUSERS_VERSION = "0.42.1"  # in the configs jdiff writes, as diffusers' save_pretrained records its own
+
+
+def _diffusers_model(model_type, config_type, example_inputs, **fields) -> Component:
+    """A diffusers model component, whose `_class_name` is the Flax module's class name."""
+    name = model_type.__name__
+    return Component(class_names=(name,), weights_name="diffusion_pytorch_model.safetensors",
+                     parse_config=config_type.from_dict, build=model_type, example_inputs=example_inputs,
+                     config_header={"_class_name": name, "_diffusers_version": _DIFFUSERS_VERSION}, **fields)
+
+
 def _unet() -> Component:
     from jdiff.models import unet
 
-    return Component(
-        class_names=("UNet2DConditionModel",),
-        weights_name="diffusion_pytorch_model.safetensors",
-        parse_config=unet.UNetConfig.from_dict,
-        build=unet.UNet2DConditionModel,
-        example_inputs=unet.example_inputs,
-        config_header={"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"},
-    )
+    return _diffusers_model(unet.UNet2DConditionModel, unet.UNetConfig, unet.example_inputs)
 
 
 def _vae() -> Component:
     from jdiff.models import vae
 
-    return Component(
-        class_names=("AutoencoderKL",),
-        weights_name="diffusion_pytorch_model.safetensors",
-        parse_config=vae.VAEConfig.from_dict,
-        build=vae.AutoencoderKL,
-        example_inputs=vae.example_inputs,
-        config_header={"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"},
-    )
+    return _diffusers_model(vae.AutoencoderKL, vae.VAEConfig, vae.example_inputs)
 
 
 def _sd3_transformer() -> Component:
     from jdiff.models import sd3_transformer
 
-    return Component(
-        class_names=("SD3Transformer2DModel",),
-        weights_name="diffusion_pytorch_model.safetensors",
-        parse_config=sd3_transformer.SD3TransformerConfig.from_dict,
-        build=sd3_transformer.SD3Transformer2DModel,
-        example_inputs=sd3_transformer.example_inputs,
-        config_header={"_class_name": "SD3Transformer2DModel", "_diffusers_version": "0.42.1"},
-        buffers=lambda config: {"pos_embed.pos_embed": config.position_embedding()},
-    )
+    return _diffusers_model(sd3_transformer.SD3Transformer2DModel, sd3_transformer.SD3TransformerConfig,
+                            sd3_transformer.example_inputs,
+                            buffers=lambda config: {"pos_embed.pos_embed": config.position_embedding()})
 
 
 def _flux_transformer() -> Component:
     from jdiff.models import flux_transformer
 
-    return Component(
-        class_names=("FluxTransformer2DModel",),
-        weights_name="diffusion_pytorch_model.safetensors",
-        parse_config=flux_transformer.FluxTransformerConfig.from_dict,
-        build=flux_transformer.FluxTransformer2DModel,
-        example_inputs=flux_transformer.example_inputs,
-        config_header={"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1"},
-    )
+    return _diffusers_model(flux_transformer.FluxTransformer2DModel, flux_transformer.FluxTransformerConfig,
+                            flux_transformer.example_inputs)
 
 
 def _with_text_model_prefix(state: dict) -> dict:
@@ -427,15 +406,9 @@ _CONTROLNET_FLAX_ITEM = re.compile(r"^(controlnet_down_blocks|controlnet_cond_em
 def _controlnet() -> Component:
     from jdiff.models import controlnet
 
-    return Component(
-        class_names=("ControlNetModel",),
-        weights_name="diffusion_pytorch_model.safetensors",
-        parse_config=controlnet.ControlNetConfig.from_dict,
-        build=controlnet.ControlNetModel,
-        example_inputs=controlnet.example_inputs,
-        config_header={"_class_name": "ControlNetModel", "_diffusers_version": "0.42.1"},
-        canonical_keys=lambda state: {_CONTROLNET_TORCH_ITEM.sub(r"\1_\2.", k): v for k, v in state.items()},
-    )
+    return _diffusers_model(controlnet.ControlNetModel, controlnet.ControlNetConfig, controlnet.example_inputs,
+                            canonical_keys=lambda state: {_CONTROLNET_TORCH_ITEM.sub(r"\1_\2.", k): v
+                                                          for k, v in state.items()})
 
 
 def load_controlnet(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant=None, **options):

@@ -13,6 +13,7 @@ work for everything except Orbax's checkpoints, whose arrays tensorstore writes 
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -20,6 +21,8 @@ import tempfile
 from typing import Callable, Iterator
 
 from etils import epath
+
+from jdiff.errors import CheckpointError
 
 Path = epath.Path
 PathLike = epath.PathLike
@@ -63,6 +66,18 @@ def temporary_name(path: PathLike) -> epath.Path:
     """Where `write_file` writes a local file before renaming it to `path`."""
     path = as_path(path)
     return path.with_name(f".{path.name}.partial")
+
+
+def read_json(path: PathLike, error: type[Exception] = CheckpointError, missing: str = "is missing") -> dict:
+    """A JSON file's contents; a missing or malformed file raises `error` naming it (`missing`: what
+    to say when it does not exist)."""
+    path = as_path(path)
+    if not path.is_file():
+        raise error(f"{str(path)!r} {missing}.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{str(path)!r} is not valid JSON: {e}") from None
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

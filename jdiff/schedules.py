@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jdiff.errors import CheckpointError, ConfigError
+from jdiff import paths
+from jdiff.errors import ConfigError
 from jdiff.paths import Path
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -321,12 +322,7 @@ def read_scheduler_config(path) -> Scheduler:
     path = Path(path)
     if path.is_dir():
         path = path / "scheduler_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: a diffusion checkpoint needs a scheduler config.")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+    raw = paths.read_json(path, missing="is missing: a diffusion checkpoint needs a scheduler config")
     class_name = raw.get("_class_name", "DDIMScheduler")
     explicit = frozenset(k for k in raw if not k.startswith("_"))
     return Scheduler(SchedulerConfig.from_dict(raw, str(path)), class_name, explicit)

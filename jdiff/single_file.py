@@ -14,7 +14,6 @@ table of (original prefix, diffusers prefix) pairs, so it holds for any SD-shape
 """
 
 import dataclasses
-import json
 
 import numpy as np
 import safetensors.numpy
@@ -264,7 +263,7 @@ def load(path, *, config=None, dtype, param_dtype, revision: str | None = None, 
     kind, _ = model_type(state)
     folder = config_folder(state, config, revision, cache_dir)
     index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index = paths.read_json(index_file) if index_file.is_file() else {}
     parse = lambda cls, name: cls.from_dict(convert.read_json(folder / name / "config.json"),  # noqa: E731
                                             str(folder / name))
     encoders = ("text_encoder_2",) if kind == "sdxl_refiner" else (

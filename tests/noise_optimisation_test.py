@@ -114,8 +114,7 @@ def test_recipe_noise_stage_writes_pictures_and_judgement_and_resumes(tiny_sd_fo
     kept = np.load(finished)["noise"]
     finished.unlink()
     before, after, histories = noise_stage.optimise(pipe, captions, scenes, config.noise, resolution=32,
-                                                    folder=tmp_path / "noise",
-                                                    calibration=calibration)
+                                                    folder=tmp_path / "noise", calibration=calibration)
     assert len(histories) == 1 and len(histories[0]) == 2
     np.testing.assert_allclose(np.load(finished)["noise"], kept, atol=1e-5)
     s = config.noise
@@ -125,12 +124,12 @@ def test_recipe_noise_stage_writes_pictures_and_judgement_and_resumes(tiny_sd_fo
     assert max(float(np.abs(a - b).max()) for a, b in zip(before, after)) > 1e-3  # the optimisation changed them
     assert recipe.run(config, tmp_path)["noise"] == results  # a rerun finds every batch written
     (tmp_path / "noise" / "batch_00000.npz").write_bytes(b"truncated")  # a damaged batch is redone
-    _, _, histories = noise_stage.optimise(pipe, captions, scenes, config.noise, resolution=32, folder=tmp_path / "noise",
-                                                    calibration=calibration)
+    _, _, histories = noise_stage.optimise(pipe, captions, scenes, config.noise, resolution=32,
+                                           folder=tmp_path / "noise", calibration=calibration)
     assert len(histories) == 1
     config.noise.learning_rate = 0.01  # so is every batch written with other settings
-    _, _, histories = noise_stage.optimise(pipe, captions, scenes, config.noise, resolution=32, folder=tmp_path / "noise",
-                                                    calibration=calibration)
+    _, _, histories = noise_stage.optimise(pipe, captions, scenes, config.noise, resolution=32,
+                                           folder=tmp_path / "noise", calibration=calibration)
     assert len(histories) == 2
 
 
@@ -138,7 +137,8 @@ def test_recipe_noise_stage_writes_pictures_and_judgement_and_resumes(tiny_sd_fo
 def test_stages_after_diffusion_need_a_trained_model(stage, tiny_shapes_dir, tmp_path):
     config = _config(tiny_shapes_dir)
     config.stages = stage
-    with pytest.raises(jdiff.ConfigError, match=f"the {stage} stage works on a trained model: .*pipeline does not exist"):
+    message = f"the {stage} stage works on a trained model: .*pipeline does not exist"
+    with pytest.raises(jdiff.ConfigError, match=message):
         recipe.run(config, tmp_path)
 
 

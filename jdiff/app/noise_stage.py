@@ -66,7 +66,7 @@ def _put(tree, target):
 
 
 def optimise(pipe: Pipeline, captions: list[str], scenes: list, section, *, resolution: int, folder: Path,
-             calibration: shapes_reward.Calibration = shapes_reward.REAL_PICTURES, mesh=None) -> tuple[list[np.ndarray], list[np.ndarray], list[list[float]]]:
+             calibration: shapes_reward.Calibration = shapes_reward.REAL_PICTURES, mesh=None) -> tuple:
     """(pictures from the seeds' noise, pictures from the optimised noise, mean reward per iteration
     of each batch that ran now) for every caption; finished batches in `folder` are reused."""
     mesh = mesh or sharding.make_mesh({"data": -1}, num_devices=int(section.num_devices))
@@ -78,9 +78,8 @@ def optimise(pipe: Pipeline, captions: list[str], scenes: list, section, *, reso
                                             prior_weight=float(section.prior_weight))
     on_batch = sharding.batch_sharding(mesh)
     # what a finished batch was optimised with: a batch written with other settings is redone
-    settings_key = json.dumps({k: section[k] for k in ("iterations", "learning_rate", "prior_weight", "sampler", "steps",
-                                                 "guidance")} | {"calibration": np.asarray(calibration).tolist()},
-                        sort_keys=True)
+    settings = {k: section[k] for k in ("iterations", "learning_rate", "prior_weight", "sampler", "steps", "guidance")}
+    settings_key = json.dumps(settings | {"calibration": np.asarray(calibration).tolist()}, sort_keys=True)
     params = sharding.put(pipe.params, sharding.tree_shardings(pipe.params, mesh))
     encode = jax.jit(lambda params, tokens: dg.conditioning(pipe, params, tokens))
     pictures = jax.jit(lambda params, cond, negative, noise: dg.sample(

@@ -3,11 +3,11 @@ fine-tuning and noise optimisation (jdiff.differentiable).
 
 It is deliberately not the judge (`shapes_eval.detect`, which thresholds, labels connected regions
 and reads shapes from angular harmonics): it measures soft colour statistics per grid cell. For every
-described object, the share of its cell covered by pixels near its colour, and by colourful pixels,
-should match what real objects of its shape and size cover (`Calibration`: in real pictures, or as
-the VAE reconstructs them); colourful pixels in the cells no object was described in are
-penalised. So it rewards the right colour in the right place at the right size and nothing extra,
-and knows nothing of shape: a gain in the judge's shape accuracy cannot come from the reward grading itself.
+described object, the colourful pixels of its cell should be near its colour (purity) and cover
+what real objects of its shape and size cover (`Calibration`: in real pictures, or as the model's
+VAE reconstructs them); colourful pixels in the cells no object was described in are penalised. So
+it rewards the right colour in the right place at the right size and nothing extra, and knows
+nothing of shape: a gain in the judge's shape accuracy cannot come from the reward grading itself.
 """
 
 from typing import NamedTuple
@@ -123,13 +123,17 @@ def calibrate_on_reconstructions(pipe, source, count: int = 500) -> Calibration:
 
 def reward(images: jax.Array, targets: dict) -> jax.Array:
     """[B] rewards in about [-1, 1] of pictures [B, H, W, 3] in [0, 1]. Per described object, the
-    product of a colour term (pixels near its colour cover as much of it as the calibration expects;
-    capped at 1) and a size term (colourful pixels in its cell cover what the calibration expects of
-    its shape and size: the ratio, or its inverse when larger, so a small object drawn large loses
-    as one drawn too small), averaged over the objects; minus the colourful share of the cells that
-    should be empty."""
+    product of a colour term (the share of the colourful pixels in its cell that are near its colour,
+    against the calibration's share; capped at 1) and a size term (colourful pixels in its cell cover
+    what the calibration expects of its shape and size: the ratio, or its inverse when larger, so a
+    small object drawn large loses as one drawn too small), averaged over the objects; minus the
+    colourful share of the cells that should be empty. The colour term is a purity, not a coverage,
+    so that it does not grow with the object: with coverage, drawing an object larger raised the
+    colour term as much as it lowered the size term, and reward fine-tuning drifted small objects
+    into large ones."""
     colourful, matched, area = _coverage(images, targets)
-    colour_hit = jnp.minimum(matched / targets["match_fraction"], 1.0)
+    purity = matched / jnp.maximum(area, 1e-3)
+    colour_hit = jnp.minimum(purity / (targets["match_fraction"] / targets["area_fraction"]), 1.0)
     area = area / targets["area_fraction"]
     size_hit = jnp.minimum(area, 1.0 / jnp.maximum(area, 1e-3))
     valid = targets["valid"]

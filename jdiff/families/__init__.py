@@ -62,10 +62,7 @@ def load_pipeline(folder, *, dtype=jnp.float32, param_dtype=jnp.float32, variant
         folder = folder / "pipeline"
     index_file = folder / "model_index.json"
     if index_file.is_file():
-        try:
-            index = json.loads(index_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{str(index_file)!r} is not valid JSON: {e}") from None
+        index = paths.read_json(index_file)
     else:  # a folder laid out like Stable Diffusion without its index
         index = {"_class_name": "StableDiffusionPipeline"}
     if variant and not any(folder.glob(f"*/*.{variant}.safetensors")) and not any(

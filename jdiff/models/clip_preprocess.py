@@ -7,7 +7,6 @@ OpenAI CLIP's mean and std. Pillow and numpy only.
 """
 
 import dataclasses
-import json
 import math
 from typing import Optional
 
@@ -75,12 +74,7 @@ class ImageProcessorConfig:
         path = paths.as_path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError(f"image processor config {str(path)!r} does not exist.")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{str(path)!r} is not valid JSON: {e}") from None
+        raw = paths.read_json(path, ConfigError, missing="does not exist (an image processor config)")
         return cls.from_dict(raw, source=str(path))
 
     def validate(self, source: str) -> None:
