@@ -17,12 +17,27 @@ def command_line() -> str:
     return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
+def cpu_model() -> str:
+    """The CPU's model name and flags that change XLA:CPU's kernels (AVX-512, AMX), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; " \
+           f"{' '.join(extensions) or 'no AVX2'})"
+
+
 def write_report(out, results: list, **extra) -> None:
     import torch
 
     report = dict(
         command=command_line(),
-        machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor()),
+        machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
+                     cpu_model=cpu_model()),
         versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         **extra,
