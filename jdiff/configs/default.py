@@ -196,7 +196,7 @@ def get_config() -> ml_collections.ConfigDict:
     # noise per batch, resumable; the pictures) and noise_evaluation.json (the detector, before and after).
     # Each batch is split over num_devices devices (0 = all; the batch must divide by their number).
     config.noise = ml_collections.ConfigDict(dict(
-        num_prompts=200, batch_size=20, iterations=20, learning_rate=0.05, prior_weight=1.0,
+        num_prompts=200, batch_size=20, iterations=10, learning_rate=0.05, prior_weight=1.0,
         sampler="dpm++2m", steps=10, guidance=4.0, seed=100_000, num_devices=0))
 
     # After training: a sample grid of held-out prompts and the prompt-adherence evaluation.
