@@ -139,9 +139,28 @@ def read_png_parameters(path) -> dict:
     raise ConfigError(f"{str(path)!r} carries no generation parameters (no 'jdiff' or 'parameters' text chunk).")
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles images [N, H, W, 3] into one [rows*(H+pad)-pad, cols*(W+pad)-pad, 3] image (white gaps)."""
-    images = np.asarray(images)
+def fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """image [H, W, 3] in [0, 1] at height x width: scaled (Lanczos) until it covers that size, keeping
+    its aspect ratio, then centre-cropped; unchanged when it already has that size."""
+    if image.shape[:2] == (height, width):
+        return image
+    scale = max(height / image.shape[0], width / image.shape[1])
+    size = (max(width, round(image.shape[1] * scale)), max(height, round(image.shape[0] * scale)))
+    resized = np.asarray(Image.fromarray(to_uint8(image)).resize(size, Image.Resampling.LANCZOS), np.float32) / 255
+    top, left = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    return resized[top:top + height, left:left + width]
+
+
+def image_grid(images, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tiles images [N, H, W, 3] (or a list of differently sized [H, W, 3], each placed top-left in a
+    cell of the largest size) into one [rows*(H+pad)-pad, cols*(W+pad)-pad, 3] image (white gaps)."""
+    if not isinstance(images, np.ndarray):
+        images = list(images)
+        h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+        cells = np.ones((len(images), h, w, images[0].shape[2]), np.asarray(images[0]).dtype)
+        for cell, image in zip(cells, images):
+            cell[:image.shape[0], :image.shape[1]] = image
+        images = cells
     n, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)

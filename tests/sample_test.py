@@ -79,6 +79,59 @@ def test_prompts_file_errors(tmp_path):
         prompts.read_prompts_file(tmp_path / "bad.txt")
     with pytest.raises(ConfigError, match="does not exist"):
         prompts.read_prompts_file(tmp_path / "missing.txt")
+    (tmp_path / "size.txt").write_text('{"prompt": "a", "height": "512"}\n')
+    with pytest.raises(ConfigError, match=r"size.txt:1: 'height' must be a positive integer"):
+        prompts.read_prompts_file(tmp_path / "size.txt")
+    with pytest.raises(ConfigError, match="not WIDTHxHEIGHT"):
+        prompts.parse_buckets("512x512,640by384")
+
+
+def test_a_request_goes_to_the_bucket_of_the_nearest_aspect_ratio():
+    buckets = prompts.parse_buckets("512x512, 768x512,512x768,1024x1024")  # W x H, as image sizes are written
+    assert buckets == [(512, 512), (512, 768), (768, 512), (1024, 1024)]  # (height, width)
+    assert prompts.bucket_for(512, 512, buckets) == (512, 512)
+    assert prompts.bucket_for(600, 600, buckets) == (1024, 1024)  # the smallest square that covers it
+    assert prompts.bucket_for(2048, 2048, buckets) == (1024, 1024)  # none covers it: the largest
+    assert prompts.bucket_for(400, 640, buckets) == (512, 768)  # landscape 1.6 -> 1.5
+    assert prompts.bucket_for(700, 450, buckets) == (768, 512)  # portrait
+
+
+def test_fit_scales_and_centre_crops_to_the_asked_size():
+    image = np.zeros((32, 48, 3), np.float32)
+    image[:, 8:40] = 1.0  # a white square in the middle of a black landscape picture
+    square = image_io.fit(image, 16, 16)  # scaled to 16 x 24, then its middle 16 columns
+    assert square.shape == (16, 16, 3) and square.min() > 0.9
+    assert image_io.fit(image, 32, 48) is image
+    assert image_io.fit(image, 40, 56).shape == (40, 56, 3)
+
+
+def test_mixed_sizes_compile_once_per_bucket(model, tmp_path):
+    import jax
+    from jdiff import pipeline
+
+    sizes = [(32, 32), (32, 48), (48, 32), (40, 56), (24, 24), (32, 48)]  # (height, width)
+    lines = [json.dumps({"prompt": f"a red circle {i}", "height": h, "width": w}) for i, (h, w) in enumerate(sizes)]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines))
+    common = ["--model", str(model), "--prompts-file", str(tmp_path / "prompts.txt"), "--batch-size", "2",
+              "--steps", "2", "--sampler", "euler"]
+    jax.clear_caches()
+    assert sample.main(common + ["--out", str(tmp_path / "exact")]) == 0
+    assert pipeline._generate._cache_size() == 5  # one program per distinct size
+    jax.clear_caches()
+    assert sample.main(common + ["--buckets", "32x32,48x32,32x48", "--out", str(tmp_path / "buckets")]) == 0
+    assert pipeline._generate._cache_size() == 3  # one per bucket
+    for folder in ("exact", "buckets"):
+        for i, (h, w) in enumerate(sizes):
+            with Image.open(tmp_path / folder / f"{i:05d}.png") as image:
+                assert image.size == (w, h)
+            meta = image_io.read_png_parameters(tmp_path / folder / f"{i:05d}.png")
+            assert (meta["height"], meta["width"]) == (h, w)
+    buckets = [image_io.read_png_parameters(tmp_path / "buckets" / f"{i:05d}.png").get("bucket") for i in range(6)]
+    assert buckets == [None, None, None, "48x32", "32x32", None]  # 40x56 drawn at 32x48, 24x24 at 32x32
+    # an image drawn at its own bucket's size is the one drawn without buckets
+    np.testing.assert_array_equal(image_io.load_image(tmp_path / "buckets" / "00001.png"),
+                                  image_io.load_image(tmp_path / "exact" / "00001.png"))
+    assert (tmp_path / "buckets" / "grid.png").is_file()
 
 
 def _folder_bytes(folder):

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from jdiff import distributed, image_io
 from jdiff.app import sample_outputs
-from jdiff.app.prompts import Job
+from jdiff.app.prompts import Job, bucket_for
 from jdiff.batching import padded_batches
 from jdiff.errors import ConfigError
 from jdiff.paths import Path
@@ -79,10 +79,37 @@ def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, re
                     denoising_start=refiner.high_noise_frac)
 
 
+def _wanted(pipe: Pipeline, job: Job, settings: dict) -> tuple[int, int]:
+    """The size a job asks for: its own, else the run's, else the model's default."""
+    return (job.height or settings.get("height") or pipe.default_size,
+            job.width or settings.get("width") or pipe.default_size)
+
+
+def _batches(pipe: Pipeline, jobs: list[Job], batch_size: int, settings: dict, buckets) -> list[tuple]:
+    """(job indices, how many are real, the (height, width) they are drawn at) of every batch: jobs
+    grouped by that size (their own, else the run's; None: what generate() decides, the model's or
+    an input image's; with `buckets`, the bucket it falls in), each group in fixed-size batches, so
+    a run compiles once per size."""
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        size = (job.height or settings.get("height"), job.width or settings.get("width"))
+        if buckets:
+            size = bucket_for(*_wanted(pipe, job, settings), buckets)
+        groups.setdefault(size, []).append(index)
+    return [([group[i] for i in indices], real, size)
+            for size, group in groups.items() for indices, real in padded_batches(len(group), batch_size)]
+
+
 def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: dict,
-        metadata: dict = {}, refiner: Refiner = None, overwrite: bool = False) -> RunStats:
+        metadata: dict = {}, refiner: Refiner = None, overwrite: bool = False,
+        buckets: list[tuple[int, int]] | None = None) -> RunStats:
     """Generates every job in batches of `batch_size` (the last one padded, so all batches share
     one compiled program) into out/NNNNN.png, out/manifest.jsonl and out/grid.png (the first 64).
+    Jobs of different sizes go in different batches, one compiled program per size. With `buckets`
+    ([(height, width), ...]), every job is drawn at the bucket of the nearest aspect ratio
+    (`prompts.bucket_for`) and scaled and centre-cropped to its own size (`image_io.fit`): mixed
+    sizes and aspect ratios compile at most once per bucket. The manifest lists images in the order
+    they were drawn (index order when all have one size).
     Each PNG's metadata holds its prompt, seed, the scalar settings and `metadata` (e.g. input file
     names). Images are written as each batch finishes and then dropped, so memory does not grow with
     the number of jobs. A rerun of the same command keeps the batches already on disk
@@ -96,7 +123,7 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     out = Path(out)
     main = jax.process_index() == 0
     printable = {key: v for key, v in settings.items() if _printable(v)}
-    batches = list(padded_batches(len(jobs), batch_size))
+    batches = _batches(pipe, jobs, batch_size, settings, buckets)
     # Process 0 checks the folder and finds the finished batches; all processes follow its decision
     # (whatever goes wrong there is broadcast too, so no process waits in a collective alone).
     decision = np.zeros(1 + len(batches), np.int32)
@@ -105,7 +132,7 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
         try:
             record = sample_outputs.run_record(pipe.source, jobs, batch_size, {**printable, **metadata})
             sample_outputs.prepare(out, record, overwrite)
-            kept = [sample_outputs.kept_entries(out, indices[:real]) for indices, real in batches]
+            kept = [sample_outputs.kept_entries(out, indices[:real]) for indices, real, _ in batches]
             decision[0] = 1
             decision[1:] = [entries is not None for entries in kept]
         except Exception as error:  # noqa: BLE001 - re-raised below, after the others have heard of it
@@ -121,23 +148,30 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
     processes, process = jax.process_count(), jax.process_index()
     writes = (lambda index: index % processes == process) if shared else (lambda index: main)
     manifest = sample_outputs.Manifest(out) if main else None
-    skipped = sum(real for (_, real), skip in zip(batches, done) if skip)
+    skipped = sum(real for (_, real, _), skip in zip(batches, done) if skip)
     start, compile_start = time.perf_counter(), _compile_seconds[0]
     stats = RunStats(0, 0.0, 0.0, 0.0, skipped=skipped)
     with tqdm(total=len(jobs), initial=skipped, unit="img", desc="sampling", disable=not main) as bar:
-        for (indices, real), skip, entries in zip(batches, done, kept):
+        for (indices, real, (height, width)), skip, entries in zip(batches, done, kept):
             if skip:
                 if main:
-                    manifest.add(entries)  # in index order, as an uninterrupted run writes them
+                    manifest.add(entries)  # in the order an uninterrupted run writes them
                 continue
             padded = [jobs[i] for i in indices]
             result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
-                                    [j.seed for j in padded], settings, refiner)[:real]
+                                    [j.seed for j in padded], {**settings, "height": height, "width": width},
+                                    refiner)[:real]
             entries = []
             for index, image in zip(indices[:real], result):
                 job = jobs[index]
                 parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
                               "model": pipe.source, **metadata, **printable}
+                wanted = _wanted(pipe, job, settings)
+                if job.height or job.width:
+                    parameters.update(height=wanted[0], width=wanted[1])
+                if buckets and wanted != image.shape[:2]:  # drawn in a bucket of another size
+                    parameters.update(bucket=f"{width}x{height}", height=wanted[0], width=wanted[1])
+                    image = image_io.fit(image, *wanted)
                 if writes(index):
                     image_io.save_png(out / sample_outputs.image_name(index), image, parameters)
                     stats.written += 1

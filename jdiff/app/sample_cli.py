@@ -27,7 +27,8 @@ def parse_args(argv=None):
                    help="with --refiner: the fraction of the noise levels the base model runs")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed}")
+    source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed, height, "
+                        "width}")
     p.add_argument("--negative-prompt", help="default: none (the empty prompt, or zeros where an SDXL "
                    "checkpoint asks for them)")
     p.add_argument("--sampler", choices=jdiff.SAMPLERS, help="default: the checkpoint's own scheduler")
@@ -41,8 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, help="images per call, split over every device of every "
                    "host (default: the number of devices, at least 4)")
-    p.add_argument("--height", type=int)
+    p.add_argument("--height", type=int, help="default: the model's size (a prompts file's lines may set their own)")
     p.add_argument("--width", type=int)
+    p.add_argument("--buckets", metavar="WxH,WxH,...", help="resolution buckets: each image is drawn at the bucket "
+                   "of the nearest aspect ratio, then scaled and centre-cropped to its size, so mixed sizes compile "
+                   "once per bucket (e.g. 512x512,640x384,384x640)")
     p.add_argument("--init-image", help="image-to-image: the starting picture")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change")
     p.add_argument("--mask", help="inpainting: white = repaint (needs --init-image)")
@@ -108,6 +112,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
         jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
+        buckets = prompts.parse_buckets(args.buckets) if args.buckets is not None else None
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype), variant=args.variant,
                                    revision=args.revision, config=args.model_config)
         lora_scales = {}
@@ -169,10 +174,10 @@ def main(argv=None) -> int:
                                     ("ip_adapter_image", args.ip_adapter_image),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),
                                     ("lora", args.lora), ("revision", args.revision), ("variant", args.variant),
-                                    ("model_config", args.model_config)) if v}
+                                    ("model_config", args.model_config), ("buckets", args.buckets)) if v}
         inputs["dtype"] = args.dtype
         stats = batch_generation.run(pipe, jobs, Path(args.out), min(args.batch_size, len(jobs)), settings, inputs,
-                                     refiner, overwrite=args.overwrite)
+                                     refiner, overwrite=args.overwrite, buckets=buckets)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

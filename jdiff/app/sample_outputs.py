@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 
-import numpy as np
 from PIL import Image
 
 from jdiff import image_io, paths
@@ -31,7 +30,9 @@ def image_name(index: int) -> str:
 def run_record(model: str, jobs, batch_size: int, settings: dict) -> dict:
     """What must match for a rerun to continue a folder: the model, every job, the batch size (it
     decides which images share a batch, and so their exact pixels) and the settings."""
-    listing = json.dumps([[j.prompt, j.negative_prompt, j.seed] for j in jobs], ensure_ascii=False)
+    listing = [[j.prompt, j.negative_prompt, j.seed] + ([j.height, j.width] if j.height or j.width else [])
+               for j in jobs]  # sizes only where given: a folder written before per-job sizes still resumes
+    listing = json.dumps(listing, ensure_ascii=False)
     record = {"model": str(model), "images": len(jobs), "jobs_sha256": hashlib.sha256(listing.encode()).hexdigest(),
               "batch_size": batch_size, "settings": settings}
     return json.loads(json.dumps(record, default=str, ensure_ascii=False))  # as the file will read back
@@ -123,5 +124,5 @@ class Manifest:
 def write_grid(out: Path, count: int, prompts: list[str]) -> None:
     """grid.png of the first `GRID_IMAGES` images, read back from their files."""
     shown = min(count, GRID_IMAGES)
-    images = np.stack([image_io.load_image(out / image_name(i)) for i in range(shown)])
+    images = [image_io.load_image(out / image_name(i)) for i in range(shown)]  # sizes may differ
     image_io.save_png(out / GRID, image_io.image_grid(images), {"prompts": prompts[:shown]})
