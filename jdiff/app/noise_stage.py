@@ -141,7 +141,7 @@ def train_noise(config, workdir: Path, train_source, test_source, pipe: Pipeline
     results = {"before": shapes_eval.score_scenes(before, scenes), "after": shapes_eval.score_scenes(after, scenes),
                "judge": "shapes_eval.score_scenes (the detector); optimised for shapes_reward.reward",
                "held_out_captions": len(captions), "seed": int(section.seed), **settings,
-               "reward_calibration": {k: np.round(v, 4).tolist() for k, v in calibration._asdict().items()}}
+               "reward_calibration": calibration.to_json()}
     if distributed.is_main():
         (folder / "images").mkdir(exist_ok=True)
         for i, (caption, image) in enumerate(zip(captions, after)):

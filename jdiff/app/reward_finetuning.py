@@ -13,7 +13,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jdiff import differentiable as dg, distributed, sharding, train_lib
 from jdiff.app import shapes_eval, shapes_reward, stages
@@ -117,7 +116,7 @@ def train_reward(config, workdir: Path, train_source, test_source, pipe: Pipelin
               batch_size=config.evaluate.batch_size, seed=section.eval_seed)
     results = {"before": evaluate(pipe, test_source, **kw), "after": evaluate(tuned, test_source, **kw),
                "judge": "shapes_eval.score_scenes (the detector); trained on shapes_reward.reward",
-               "reward_calibration": {k: np.round(v, 4).tolist() for k, v in calibration._asdict().items()},
+               "reward_calibration": calibration.to_json(),
                "held_out_captions": section.num_prompts, "guidance": section.eval_guidance,
                "sampler": s.sampler, "steps": s.steps, "seed": section.eval_seed}
     if distributed.is_main():

@@ -37,6 +37,10 @@ class Calibration(NamedTuple):
     match: np.ndarray  # [shapes, sizes]
     area: np.ndarray
 
+    def to_json(self) -> dict:
+        """The tables as nested lists (4 decimals), for the stages' evaluation files."""
+        return {name: np.round(table, 4).tolist() for name, table in self._asdict().items()}
+
 
 # Measured on 400 real train pictures: pixels near the object's colour cover about 0.8 of it (shades
 # vary by +-12 levels, edges are antialiased), colourful pixels about 1.2 of it (the soft threshold
