@@ -31,14 +31,20 @@ def cpu_model() -> str:
            f"{' '.join(extensions) or 'no AVX2'})"
 
 
-def write_report(out, results: list, **extra) -> None:
-    import torch
+def torch_version() -> str | None:
+    try:  # bench/device.py runs on accelerator hosts that may not have PyTorch
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
 
+
+def write_report(out, results: list, **extra) -> None:
     report = dict(
         command=command_line(),
         machine=dict(cpus=os.cpu_count(), platform=platform.platform(), processor=platform.processor(),
                      cpu_model=cpu_model()),
-        versions=dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version()),
+        versions=dict(jax=jax.__version__, torch=torch_version(), python=platform.python_version()),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         **extra,
         results=results,

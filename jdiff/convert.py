@@ -397,6 +397,25 @@ def save_t5_encoder(module, params, folder) -> None:
     save_component(_t5_encoder(), module, params, folder)
 
 
+
+# The kinds `random_component` builds, by the name of what they are.
+_KINDS = {"unet": _unet, "vae": _vae, "clip_text": _text_encoder, "t5_encoder": _t5_encoder,
+          "sd3_transformer": _sd3_transformer, "flux_transformer": _flux_transformer}
+
+
+def random_component(kind: str, config: dict, rng, *, dtype=jnp.float32, param_dtype=jnp.float32, **options):
+    """(module, params) of one component built from `config` (the fields of its diffusers or
+    transformers config.json) with freshly initialised parameters, created on the default device
+    by one compiled call (never on the host): benchmarks and shape checks without weight files.
+    kind: one of "unet", "vae", "clip_text", "t5_encoder", "sd3_transformer", "flux_transformer"."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; use one of {', '.join(_KINDS)}.")
+    component = _KINDS[kind]()
+    module = component.build(component.parse_config(dict(config), f"{kind} config"), dtype=dtype,
+                             param_dtype=param_dtype, **options)
+    inputs = component.example_inputs(module.config)
+    return module, jax.jit(lambda key: module.init(key, *inputs)["params"])(rng)
+
 # ControlNet, a component of its own (diffusers keeps it outside the pipeline folder). Two of its
 # ModuleLists exist in no other model; their items are renamed here, in both directions.
 _CONTROLNET_TORCH_ITEM = re.compile(r"^(controlnet_down_blocks|controlnet_cond_embedding\.blocks)\.(\d+)\.")

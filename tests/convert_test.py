@@ -130,3 +130,26 @@ def test_fp16_checkpoint_loads_as_param_dtype(copy):
     np.testing.assert_allclose(
         params["conv_in"]["kernel"], state["conv_in.weight"].astype(np.float16).transpose(2, 3, 1, 0), rtol=0
     )
+
+
+def test_random_component_has_the_loaded_parameter_tree():
+    """random_component builds what load_component would from the same config, with parameters
+    drawn on the device in param_dtype (bench/device.py's models)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jdiff import convert
+
+    config = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                  cross_attention_dim=32, attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    module, params = convert.random_component("unet", config, jax.random.key(0), dtype=jnp.bfloat16,
+                                              param_dtype=jnp.bfloat16)
+    expected = convert.param_shapes(convert._unet(), module)
+    assert jax.tree.structure(params) == jax.tree.structure(expected)
+    assert all(p.shape == e.shape and p.dtype == jnp.bfloat16 for p, e in zip(jax.tree.leaves(params),
+                                                                                jax.tree.leaves(expected)))
+    assert module.config.block_out_channels == (32, 64) and module.dtype == jnp.bfloat16
+    assert any(float(jnp.abs(p).max()) > 0 for p in jax.tree.leaves(params))  # drawn, not zeros
+    with pytest.raises(ValueError, match="unknown component kind 'controlnet'"):
+        convert.random_component("controlnet", config, jax.random.key(0))
