@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
-from jdiff import paths
+from jdiff import paths, shape_cache
 from jdiff.errors import CheckpointError
 from jdiff.paths import Path
 
@@ -236,9 +236,11 @@ def load_component(kind: Component, folder, *, dtype=jnp.float32, param_dtype=jn
 
 
 def param_shapes(kind: Component, module):
-    """Parameter shapes and dtypes of `module`, without allocating them."""
+    """Parameter shapes and dtypes of `module`, without allocating them (traced once per config and
+    kept on disk: jdiff.shape_cache)."""
     inputs = kind.example_inputs(module.config)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    trace = lambda: jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    return shape_cache.param_shapes(module, inputs, trace)
 
 
 def save_component(kind: Component, module, params, folder) -> None:

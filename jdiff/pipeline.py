@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jdiff import control, depth as depth_lib, guidance as guidance_lib, ip_adapter, lora, samplers, sharding
+from jdiff import (control, depth as depth_lib, executable_cache, guidance as guidance_lib, ip_adapter, lora, samplers,
+                   sharding)
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, load_pipeline, save_pipeline  # noqa: F401 (the public API)
 from jdiff.models import vae_tiling as tiling
@@ -113,6 +114,12 @@ class _Static:
     add_noise: bool  # noise the start to the first step's level (not when continuing a hand-off)
     output_latents: bool  # return the final latents instead of decoding them
     vae_tile: int = 0  # > 0: the VAE encodes and decodes in tiles of this many pixels
+
+    def describe(self) -> dict:
+        """The same, as text that is stable across processes (the on-disk executables' key)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("family", "modules")}
+        return dict(family=self.family.name, modules=[(name, repr(module)) for name, module in self.modules], **fields)
 
 
 def _encode_image(vae, params, images, tile: int):
@@ -473,6 +480,7 @@ def generate(
                      clip_skip, latents is not None, init_latents is not None, denoising_start is None,
                      output_type == "latent", vae_tile)
     params, adapters = _placed_params(pipe, mesh)
-    images = _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale,
-                       rescale, image, mask_array, controls, depth, image_prompt, static=static)
+    args = (params, adapters, lora_scales, tokens, negative_tokens, seeds, noise, plan, scale, cfg_scale, rescale,
+            image, mask_array, controls, depth, image_prompt)
+    images = executable_cache.call(_generate, args, {"static": static}, static.describe)
     return _to_host(images)[:batch]

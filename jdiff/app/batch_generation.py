@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jdiff import distributed, image_io
+from jdiff import distributed, executable_cache, image_io
 from jdiff.app import sample_outputs
 from jdiff.app.prompts import Job, bucket_for
 from jdiff.batching import padded_batches
@@ -27,10 +27,14 @@ def _count_compile(event: str, duration: float, **kwargs) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-def enable_compilation_cache(folder) -> None:
-    """JAX's persistent cache: later runs with the same shapes skip XLA compilation."""
+def enable_compilation_cache(folder, executables: bool = False) -> None:
+    """JAX's persistent cache: later runs with the same shapes skip XLA compilation. executables:
+    also keep generate()'s compiled programs whole in folder/executables, so later runs skip
+    tracing and lowering too (jdiff.executable_cache)."""
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if executables:
+        executable_cache.enable(Path(folder) / "executables")
 
 
 @dataclasses.dataclass

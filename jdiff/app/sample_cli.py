@@ -78,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--max-sequence-length", type=int,
                    help="SD3 and Flux: the T5 prompt's token count (diffusers' defaults: 256 and 512)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--compile-cache", help="folder for JAX's persistent compilation cache")
+    p.add_argument("--compile-cache", help="folder for compiled programs (JAX's persistent compilation cache and "
+                   "generate's serialised executables): a later run with the same model and sizes skips tracing "
+                   "and compiling")
     p.add_argument("--out", default="samples", help="NNNNN.png, manifest.jsonl and grid.png (the first 64); "
                    "a rerun of the same command skips the images already written")
     p.add_argument("--overwrite", action="store_true", help="replace the images of an earlier run in --out")
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         if args.batch_size is None:
             args.batch_size = max(4, jax.device_count())
         if args.compile_cache:
-            batch_generation.enable_compilation_cache(args.compile_cache)
+            batch_generation.enable_compilation_cache(args.compile_cache, executables=True)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
