@@ -45,7 +45,7 @@ def key(module, inputs) -> str:
         module=f"{type(module).__module__}.{type(module).__qualname__}",
         config=module.config.to_dict(),
         dtypes=[str(getattr(module, name, None)) for name in ("dtype", "param_dtype")],
-        inputs=[(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(inputs)])
+        inputs=[(tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else repr(x) for x in jax.tree.leaves(inputs)])
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -235,3 +235,34 @@ def test_sd_controlnet_image_to_image_matches_diffusers(sd, tiny_sd_folder, monk
     uncontrolled = jdiff.generate(jdiff.load_pipeline(tiny_sd_folder), PROMPTS, sampler="ddim", steps=8, guidance=5.0,
                                   init_image=init, strength=0.75, latents=nchw_to_nhwc(noise), mesh=one_device)
     assert np.abs(uncontrolled - expected).max() > 3 * TOL
+
+
+def test_sd_controlnet_inpainting_matches_diffusers(sd, tiny_sd_folder, monkeypatch, one_device):
+    """diffusers' StableDiffusionControlNetInpaintPipeline with an ordinary (4-channel) U-Net: the
+    ControlNet steers every step, the known region is put back after each one."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+    from pipeline_test import init_image_and_mask, patch_reference_noise
+
+    reference, folders = sd
+    noise = latents(seed=12)
+    patch_reference_noise(monkeypatch, "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint", noise)
+    controlled = StableDiffusionControlNetInpaintPipeline(
+        vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, unet=reference.unet,
+        controlnet=ControlNetModel.from_pretrained(folders[0]), scheduler=reference.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    image, mask = init_image_and_mask(SIZE)
+    control = control_images(2, seed=13)
+    settings = dict(controlnet_conditioning_scale=1.4, control_guidance_end=0.8)
+    expected = controlled(PROMPTS, image=image, mask_image=mask, control_image=as_torch(control), strength=0.9,
+                          num_inference_steps=6, guidance_scale=5.0, output_type="np", **settings).images
+    pipe = jdiff.load_controlnet(jdiff.load_pipeline(tiny_sd_folder), folders[0])
+    ours = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=6, guidance=5.0, init_image=image, mask=mask,
+                          strength=0.9, latents=nchw_to_nhwc(noise), control_image=control, mesh=one_device, **settings)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    uncontrolled = jdiff.generate(jdiff.load_pipeline(tiny_sd_folder), PROMPTS, sampler="ddim", steps=6, guidance=5.0,
+                                  init_image=image, mask=mask, strength=0.9, latents=nchw_to_nhwc(noise),
+                                  mesh=one_device)
+    assert np.abs(uncontrolled - expected).max() > 3 * TOL
+    # Outside the mask both keep the picture: the control acts only where the mask repaints.
+    keep = np.asarray(mask) == 0
+    assert np.abs(ours[:, keep] - uncontrolled[:, keep]).max() < np.abs(ours - uncontrolled).max()
