@@ -79,6 +79,44 @@ def test_trains_only_the_controlnet_and_resumes_exactly(base, tmp_path, tiny_sha
     assert np.abs(steered - plain).max() > 0
 
 
+def test_sdxl_controlnet_trains_and_diffusers_draws_with_it(tiny_sdxl_folder, tmp_path, tiny_shapes_dir, one_device):
+    """SDXL: a ControlNet made from the U-Net (with its text-time embedding) trains with the base
+    frozen, the time ids of every example reaching it, and the written folder draws in diffusers'
+    StableDiffusionXLControlNetPipeline what it draws in jdiff."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    pipe = jdiff.load_pipeline(tiny_sdxl_folder)
+    module, params = controlnet.from_unet(pipe.unet, pipe.params["unet"], jax.random.key(1),
+                                          conditioning_embedding_out_channels=WIDTHS)
+    assert module.config.addition_embed_type == "text_time"
+    base = pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
+    config = tiny.get_config()
+    config.diffusion_train.update(steps=3, log_every=1, learning_rate=1e-2)
+    source = OutlineControl(load_shapes(tiny_shapes_dir, "train", num_train=64, num_test=16), "train", 32)
+    stage = stages.diffusion_stage(base, stages.make_objective(config, base.scheduler), latent_size=4,
+                                   caption_dropout=0.1, train_text_encoder=False, controlnet=True)
+    result = train_lib.train(stage, config.diffusion_train, tmp_path / "run", make_loader(source, batch_size=8, seed=0),
+                             total_batch=8)
+    assert set(result.state.params) == {"controlnet"} and all(np.isfinite(h["loss"]) for h in result.history)
+    trained = jax.device_get(result.state.params["controlnet"])
+    assert np.abs(trained["controlnet_mid_block"]["kernel"]).max() > 0  # the zero connections moved
+
+    convert.save_controlnet(module, trained, tmp_path / "trained")
+    outline = shapes.outline(shapes.scene(2, "train"), 32)
+    start = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    ours = jdiff.generate(control.load_controlnet(pipe, tmp_path / "trained"), "a red circle", steps=3, guidance=5.0,
+                          latents=nchw_to_nhwc(start), control_image=outline, mesh=one_device)
+    c = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder).components
+    reference = StableDiffusionXLControlNetPipeline(
+        **{k: c[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")},
+        controlnet=ControlNetModel.from_pretrained(tmp_path / "trained"))
+    expected = reference("a red circle", image=torch.from_numpy(outline.transpose(2, 0, 1)[None].copy()), latents=start,
+                         num_inference_steps=3, guidance_scale=5.0, output_type="np").images
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2 / 255)
+    plain = jdiff.generate(pipe, "a red circle", steps=3, guidance=5.0, latents=nchw_to_nhwc(start), mesh=one_device)
+    assert np.abs(plain - ours).max() > 3 * 2 / 255  # the trained ControlNet steers, beyond the parity tolerance
+
+
 def test_controlnet_stage_refuses_what_it_cannot_do(base, tiny_sd_folder):
     config = tiny.get_config()
     objective = stages.make_objective(config, base.scheduler)
