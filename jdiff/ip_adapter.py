@@ -8,8 +8,9 @@ around each cross-attention call (as jdiff.lora applies LoRA), so the models kno
 
 Files: the IP-Adapter safetensors that diffusers' `load_ip_adapter` reads (`image_proj.*`,
 `ip_adapter.<n>.to_k_ip.weight`, ...), for SD 1.x/2.x and SDXL U-Nets: the plain IP-Adapter (a
-linear projection of the image embedding) and IP-Adapter Plus (a resampler over the image
-encoder's penultimate hidden states); the image encoder is a transformers
+linear projection of the image embedding), IP-Adapter Plus (a resampler over the image
+encoder's penultimate hidden states) and the full-face IP-Adapter (a two-layer MLP over every one of
+those hidden states: one token per image patch); the image encoder is a transformers
 CLIPVisionModelWithProjection folder. The image tokens and the scale travel with each
 half's conditioning (`cond["image_prompt"]`), so guidance doubles them with the prompts; the
 scale is traced.
@@ -74,18 +75,20 @@ def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
         raise ConfigError(f"IP-Adapter adapts a U-Net's cross-attention (SD 1.x/2.x, SDXL); {pipe.family.name} "
                           "models have none.")
     state = _read(path)
-    plus = "image_proj.latents" in state
-    projection = _plus_projection(state, path) if plus else _projection(state, path)
+    # The kind, by the keys diffusers tells them apart by; each reads its own image features.
+    kind = "plus" if "image_proj.latents" in state else "full" if "image_proj.proj.3.weight" in state else "projection"
+    projection = {"plus": _plus_projection, "full": _full_projection, "projection": _projection}[kind](state, path)
     encoder, encoder_params = convert.load_clip_vision(image_encoder, dtype=pipe.unet.dtype)
-    width = int((projection["norm_out"] if plus else projection["norm"])["scale"].shape[0])
+    width = int(projection["norm_out" if kind == "plus" else "norm"]["scale"].shape[0])
     if width != pipe.unet.config.cross_attention_dim:
         raise ConfigError(f"this IP-Adapter makes {width}-wide tokens; the U-Net attends to "
                           f"{pipe.unet.config.cross_attention_dim}-wide ones: it was made for another model.")
-    reads = (projection["proj_in"] if plus else projection["proj"])["kernel"].shape[0]
-    makes = encoder.config.hidden_size if plus else encoder.config.projection_dim
+    reads = projection[{"plus": "proj_in", "full": "ff_in", "projection": "proj"}[kind]]["kernel"].shape[0]
+    hidden = kind in ("plus", "full")
+    makes = encoder.config.hidden_size if hidden else encoder.config.projection_dim
     if reads != makes:
         raise ConfigError(f"this IP-Adapter reads {reads}-wide image features; the image encoder makes {makes}-wide "
-                          f"ones ({'its hidden states' if plus else 'its projected embedding'}).")
+                          f"ones ({'its hidden states' if hidden else 'its projected embedding'}).")
     layers = {}
     for n, layer in enumerate(cross_attention_paths(pipe.params["unet"])):
         key = 2 * n + 1  # diffusers counts attention processors, self- and cross-, from 1: cross ones are odd
@@ -100,7 +103,7 @@ def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
     if unused:
         raise CheckpointError(f"{str(path)!r} has weights for more cross-attention layers than this U-Net has, "
                               f"e.g. {unused[:3]}: it was made for another U-Net.")
-    adapter = {"plus" if plus else "projection": projection, "layers": layers}
+    adapter = {kind: projection, "layers": layers}
     folder = paths.as_path(image_encoder)
     found = (folder / clip_preprocess.CONFIG_NAME).is_file()
     preprocess = clip_preprocess.ImageProcessorConfig.load(folder) if found else clip_preprocess.ImageProcessorConfig()
@@ -125,6 +128,16 @@ def _projection(state, path) -> dict:
     if missing:
         raise CheckpointError(f"{str(path)!r} is not an IP-Adapter file: it lacks {missing}.")
     return {"proj": _linear(state, "image_proj.proj"), "norm": _norm(state, "image_proj.norm")}
+
+
+def _full_projection(state, path) -> dict:
+    """The full-face IP-Adapter's projection: Linear, GELU, Linear, LayerNorm on each hidden state
+    (the original keys `proj.0`, `proj.2`, `proj.3`; diffusers' IPAdapterFullImageProjection)."""
+    try:
+        return {"ff_in": _linear(state, "image_proj.proj.0"), "ff_out": _linear(state, "image_proj.proj.2"),
+                "norm": _norm(state, "image_proj.proj.3")}
+    except KeyError as e:
+        raise CheckpointError(f"{str(path)!r} is not a full-face IP-Adapter file: it lacks {e.args[0]!r}.") from None
 
 
 PLUS_DEPTH, PLUS_HEAD_DIM = 4, 64  # what diffusers builds every IP-Adapter Plus resampler with
@@ -199,13 +212,20 @@ def image_pixels(pipe: Pipeline, images, batch: int) -> np.ndarray:
 def image_tokens(modules, params, pixels, dtype):
     """(tokens for the images, tokens for the unconditional half) [B, T, D], as diffusers' encode_image
     makes them: the plain IP-Adapter projects the image encoder's embedding, and zeros for the
-    unconditional half; Plus resamples its penultimate hidden states, and those of a zero image."""
+    unconditional half; Plus resamples its penultimate hidden states, and those of a zero image, and
+    the full-face adapter maps each of them through its MLP."""
     encoder, adapter = modules["image_encoder"], params["ip_adapter"]
     run = lambda x, **kw: encoder.apply({"params": params["image_encoder"]}, x, **kw)  # noqa: E731
-    if "plus" in adapter:
+    if "plus" in adapter or "full" in adapter:
         both = run(jnp.concatenate([pixels, jnp.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
-        tokens = _resample(adapter["plus"], both.astype(jnp.float32)).astype(dtype)
-        return tuple(jnp.split(tokens, 2))
+        both = both.astype(jnp.float32)
+        if "plus" in adapter:
+            tokens = _resample(adapter["plus"], both)
+        else:
+            full = adapter["full"]
+            hidden = jax.nn.gelu(both @ full["ff_in"]["kernel"] + full["ff_in"]["bias"], approximate=False)
+            tokens = _layer_norm(hidden @ full["ff_out"]["kernel"] + full["ff_out"]["bias"], full["norm"])
+        return tuple(jnp.split(tokens.astype(dtype), 2))
     projection = adapter["projection"]
     width = projection["norm"]["scale"].shape[0]
     embeds = run(pixels).image_embeds

@@ -44,9 +44,17 @@ def plus_projection(width: int, gen, hidden: int = 64, queries: int = TOKENS, fe
     return state
 
 
-def make_adapter(folder, reference_class, root, plus: bool = False):
+def full_face_projection(width: int, gen, features: int = 32) -> dict:
+    """Random full-face IP-Adapter projection weights in the original key layout (proj.0, proj.2, proj.3)."""
+    rand = lambda *shape, scale=0.3: torch.randn(shape, generator=gen) * scale  # noqa: E731
+    return {"image_proj.proj.0.weight": rand(features, features), "image_proj.proj.0.bias": rand(features),
+            "image_proj.proj.2.weight": rand(width, features), "image_proj.proj.2.bias": rand(width),
+            "image_proj.proj.3.weight": 1 + rand(width), "image_proj.proj.3.bias": rand(width)}
+
+
+def make_adapter(folder, reference_class, root, plus: bool = False, full_face: bool = False):
     """(image encoder folder, IP-Adapter file, diffusers pipeline with both loaded) for the model in
-    `folder`: a random CLIP image encoder and random IP-Adapter (or IP-Adapter Plus) weights."""
+    `folder`: a random CLIP image encoder and random IP-Adapter (IP-Adapter Plus, full-face) weights."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
@@ -62,7 +70,7 @@ def make_adapter(folder, reference_class, root, plus: bool = False):
     pipe = jdiff.load_pipeline(folder)
     width = pipe.unet.config.cross_attention_dim
     gen = torch.Generator().manual_seed(2)
-    state = plus_projection(width, gen) if plus else {
+    state = plus_projection(width, gen) if plus else full_face_projection(width, gen) if full_face else {
         "image_proj.proj.weight": torch.randn(TOKENS * width, EMBED, generator=gen) * 0.5,
         "image_proj.proj.bias": torch.randn(TOKENS * width, generator=gen) * 0.1,
         "image_proj.norm.weight": 1 + 0.2 * torch.randn(width, generator=gen),
@@ -199,3 +207,31 @@ def test_ip_adapter_plus_matches_diffusers(tiny_sd_folder, tmp_path, guidance, o
     other = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=guidance, latents=nchw_to_nhwc(start),
                            ip_adapter_image=picture(4), ip_adapter_scale=0.8, mesh=one_device)
     assert np.abs(other - expected).max() > 3 * TOL
+
+
+def test_full_face_ip_adapter_matches_diffusers(tiny_sd_folder, tmp_path, one_device):
+    """The full-face IP-Adapter: one token per hidden state of the image encoder (every patch and the
+    class token), through a two-layer MLP; diffusers' IPAdapterFullImageProjection."""
+    from diffusers import StableDiffusionPipeline
+
+    encoder, weights, reference = make_adapter(tiny_sd_folder, StableDiffusionPipeline, tmp_path, full_face=True)
+    reference.set_ip_adapter_scale(0.7)
+    start = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    expected = reference(PROMPTS, ip_adapter_image=picture(5), latents=start, num_inference_steps=4,
+                         guidance_scale=5.0, output_type="np").images
+    pipe = jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), weights, image_encoder=encoder)
+    assert set(pipe.params["ip_adapter"]) == {"full", "layers"}
+    pixels = ip_adapter.image_pixels(pipe, [picture(5)], 1)
+    tokens, _ = ip_adapter.image_tokens(pipe.modules, pipe.params, pixels, np.float32)
+    assert tokens.shape == (1, (32 // 8) ** 2 + 1, pipe.unet.config.cross_attention_dim)  # patches + class token
+    ours = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=5.0, latents=nchw_to_nhwc(start),
+                          ip_adapter_image=picture(5), ip_adapter_scale=0.7, mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    other = jdiff.generate(pipe, PROMPTS, sampler="ddim", steps=4, guidance=5.0, latents=nchw_to_nhwc(start),
+                           ip_adapter_image=picture(6), ip_adapter_scale=0.7, mesh=one_device)
+    assert np.abs(other - expected).max() > 3 * TOL
+    partial = {"image_proj.proj.3.weight": torch.ones(32), "image_proj.proj.3.bias": torch.zeros(32)}
+    safetensors.torch.save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match="not a full-face IP-Adapter file: it lacks 'image_proj.proj.0.weight'"):
+        jdiff.load_ip_adapter(jdiff.load_pipeline(tiny_sd_folder), tmp_path / "partial.safetensors",
+                              image_encoder=encoder)
