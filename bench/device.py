@@ -234,7 +234,7 @@ def diffusers_pipeline(spec: dict, folder: Path, device: str):
             elif kind == "flux_transformer":
                 parts[name] = diffusers.FluxTransformer2DModel(**config)
             elif kind == "t5_encoder":
-                parts[name] = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, **config))
+                parts[name] = transformers.T5EncoderModel(transformers.T5Config(vocab_size=32128, **config))  # jdiff's default
             else:
                 tokenizer = transformers.CLIPTokenizer.from_pretrained(
                     folder / ("tokenizer_2" if name == "text_encoder_2" else "tokenizer"))

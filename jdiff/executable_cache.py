@@ -51,8 +51,8 @@ def _source() -> str:
 
 
 def _leaf(x) -> Any:
-    if isinstance(x, jax.Array):
-        return [list(x.shape), str(x.dtype), repr(x.sharding), x.weak_type]
+    if isinstance(x, jax.Array):  # the devices too: a program is compiled for the devices it runs on
+        return [list(x.shape), str(x.dtype), repr(x.sharding), sorted(d.id for d in x.sharding.device_set), x.weak_type]
     return repr(x)
 
 
