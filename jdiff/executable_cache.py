@@ -7,13 +7,16 @@ each program it compiles as a serialised executable (jax.experimental.serialize_
 maxdiffusion does for its time to ready) under a digest of everything that shapes it: the static
 description the caller gives, the arguments' tree, shapes, dtypes and shardings, the devices, the
 jax and jaxlib versions, XLA_FLAGS and jdiff's own source. A later process with the same digest loads
-the executable and runs it. An entry that cannot be read or loaded is compiled again and replaced.
+the executable and runs it. An entry that cannot be read, loaded or run is compiled again and
+replaced. The programs written are compiled around JAX's persistent cache (one it hands back
+serialises incompletely).
 
 Off unless enabled (`sample.py --compile-cache DIR` enables it under DIR/executables).
 """
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -65,13 +68,23 @@ def digest(description: Any, args: tuple) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
 
 
+def _devices(compiled) -> list[int]:
+    """The ids of the devices a program runs on, in its order (the first input's sharding)."""
+    sharding = jax.tree.leaves(compiled.input_shardings)[0]
+    devices = sharding.mesh.devices.flat if hasattr(sharding, "mesh") else sorted(sharding.device_set, key=lambda d: d.id)
+    return [d.id for d in devices]
+
+
 def _read(path: Path):
     from jax.experimental import serialize_executable
 
     try:
         with open(path, "rb") as f:
-            payload, in_tree, out_tree = pickle.load(f)
-        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            (payload, in_tree, out_tree), device_ids = pickle.load(f)
+        by_id = {d.id: d for d in jax.devices()}
+        # Without the devices it was compiled for, a program would be loaded for every device.
+        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                         execution_devices=[by_id[i] for i in device_ids])
     except Exception:  # missing, truncated, or from a jaxlib that cannot load it: compile again
         return None
 
@@ -80,7 +93,7 @@ def _write(path: Path, compiled) -> None:
     from jax.experimental import serialize_executable
 
     try:
-        payload = pickle.dumps(serialize_executable.serialize(compiled))
+        payload = pickle.dumps((serialize_executable.serialize(compiled), _devices(compiled)))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_bytes(payload)
@@ -96,15 +109,32 @@ def call(jitted: Callable, args: tuple, static: dict, describe: Callable[[], Any
     if _folder is None:
         return jitted(*args, **static)
     key = digest(describe(), args)
-    compiled = _loaded.get(key)
-    if compiled is None:
-        path = _folder / f"{key}.jaxexe"
-        compiled = _read(path)
-        if compiled is None:
-            compiled = jitted.lower(*args, **static).compile()
-            _write(path, compiled)
-            stats["compiled"] += 1
-        else:
+    if key in _loaded:
+        return _loaded[key](*args)
+    path = _folder / f"{key}.jaxexe"
+    compiled = _read(path)
+    if compiled is not None:
+        try:  # its first run shows whether the file held a whole program (the results are needed anyway)
+            result = jax.block_until_ready(compiled(*args))
             stats["read"] += 1
-        _loaded[key] = compiled
+            _loaded[key] = compiled
+            return result
+        except jax.errors.JaxRuntimeError as e:  # a program this jaxlib cannot run: compile it again
+            logging.warning("jdiff: the compiled program in %s did not run (%s); compiling it again.", path, e)
+    compiled = _compile(jitted, args, static)
+    _write(path, compiled)
+    stats["compiled"] += 1
+    _loaded[key] = compiled
     return compiled(*args)
+
+
+def _compile(jitted: Callable, args: tuple, static: dict):
+    """A fresh compile, around JAX's persistent cache: an executable loaded from that cache
+    serialises without its kernels (jaxlib 0.10.2 on CPU: "Function ... not found" when the copy
+    runs), so it must not be the one written."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return jitted.lower(*args, **static).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)

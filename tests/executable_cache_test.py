@@ -43,8 +43,29 @@ def test_a_written_program_is_loaded_without_tracing(tiny_sd_folder, cache, monk
     assert not np.array_equal(other_seed, reference) and len(list(folder.glob("*.jaxexe"))) == 1
 
 
-def test_other_shapes_or_settings_get_their_own_program(tiny_sd_folder, cache):
-    folder, _ = cache
+def test_a_program_already_in_jaxs_persistent_cache_is_written_whole(cache):
+    """An executable JAX's persistent cache hands back serialises without its kernels; the copy
+    written must be compiled afresh, or a later process fails running it."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    folder, before = cache
+    assert jax.config.jax_compilation_cache_dir  # conftest's cache: the jit call below fills it
+    program = jax.jit(lambda x, *, power: jnp.exp(x * power).sum(), static_argnames="power")
+    x = jnp.linspace(0.0, 1.0, 97)
+    expected = program(x, power=2.5)
+    call = functools.partial(executable_cache.call, program, (x,), {"power": 2.5}, lambda: "exp-sum 2.5")
+    np.testing.assert_allclose(call(), expected, rtol=1e-6)
+    executable_cache._loaded.clear()
+    np.testing.assert_allclose(call(), expected, rtol=1e-6)
+    assert executable_cache.stats["read"] == before["read"] + 1  # the file ran, not compiled again
+    assert executable_cache.stats["compiled"] == before["compiled"] + 1 and jax.config.jax_enable_compilation_cache
+
+
+def test_other_shapes_or_settings_get_their_own_program(tiny_sd_folder, cache, one_device):
+    folder, before = cache
     pipe = jdiff.load_pipeline(tiny_sd_folder)
     draw(pipe)
     draw(pipe, guidance_rescale=0.5)  # a traced value: the same program
@@ -52,6 +73,11 @@ def test_other_shapes_or_settings_get_their_own_program(tiny_sd_folder, cache):
     jdiff.generate(pipe, ["a red circle"], steps=2, guidance=3.0, height=32, width=48)  # another shape
     jdiff.generate(pipe, ["a red circle"], steps=2, guidance=1.0, height=32, width=32)  # no guidance: static
     assert len(list(folder.glob("*.jaxexe"))) == 3
+    on_one = draw(pipe, mesh=one_device)  # one device of the eight: a program of its own, loaded for that device
+    assert len(list(folder.glob("*.jaxexe"))) == 4
+    executable_cache._loaded.clear()
+    np.testing.assert_array_equal(draw(pipe, mesh=one_device), on_one)
+    assert executable_cache.stats["read"] == before["read"] + 1
 
 
 def test_a_damaged_entry_is_compiled_again(tiny_sd_folder, cache):
