@@ -399,7 +399,6 @@ def save_t5_encoder(module, params, folder) -> None:
     save_component(_t5_encoder(), module, params, folder)
 
 
-
 # The kinds `random_component` builds, by the name of what they are.
 _KINDS = {"unet": _unet, "vae": _vae, "clip_text": _text_encoder, "t5_encoder": _t5_encoder,
           "sd3_transformer": _sd3_transformer, "flux_transformer": _flux_transformer}
@@ -417,6 +416,7 @@ def random_component(kind: str, config: dict, rng, *, dtype=jnp.float32, param_d
                              param_dtype=param_dtype, **options)
     inputs = component.example_inputs(module.config)
     return module, jax.jit(lambda key: module.init(key, *inputs)["params"])(rng)
+
 
 # ControlNet, a component of its own (diffusers keeps it outside the pipeline folder). Two of its
 # ModuleLists exist in no other model; their items are renamed here, in both directions.
