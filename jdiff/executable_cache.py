@@ -25,10 +25,11 @@ from typing import Any, Callable, Optional
 import jax
 import jaxlib
 
-_JDIFF = Path(__file__).resolve().parent
+from jdiff import paths
+from jdiff.source_digest import source_digest
+
 _folder: Optional[Path] = None
 _loaded: dict = {}  # digest -> loaded executable, for later calls in this process
-_source_digest = None
 stats = {"compiled": 0, "read": 0}  # programs this process compiled and wrote, and read from disk
 
 
@@ -43,16 +44,6 @@ def disable() -> None:
     _loaded.clear()
 
 
-def _source() -> str:
-    global _source_digest
-    if _source_digest is None:
-        digest = hashlib.sha256()
-        for path in sorted(_JDIFF.rglob("*.py")):
-            digest.update(str(path.relative_to(_JDIFF)).encode() + path.read_bytes())
-        _source_digest = digest.hexdigest()
-    return _source_digest
-
-
 def _leaf(x) -> Any:
     if isinstance(x, jax.Array):  # the devices too: a program is compiled for the devices it runs on
         return [list(x.shape), str(x.dtype), repr(x.sharding), sorted(d.id for d in x.sharding.device_set), x.weak_type]
@@ -64,7 +55,7 @@ def digest(description: Any, args: tuple) -> str:
     described = dict(
         description=description, tree=str(jax.tree.structure(args)), leaves=[_leaf(x) for x in jax.tree.leaves(args)],
         devices=[len(devices), devices[0].platform, devices[0].device_kind, jax.process_count()],
-        versions=[jax.__version__, jaxlib.__version__], xla_flags=os.environ.get("XLA_FLAGS", ""), source=_source())
+        versions=[jax.__version__, jaxlib.__version__], xla_flags=os.environ.get("XLA_FLAGS", ""), source=source_digest())
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -95,9 +86,7 @@ def _write(path: Path, compiled) -> None:
     try:
         payload = pickle.dumps((serialize_executable.serialize(compiled), _devices(compiled)))
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(payload)
-        os.replace(partial, path)  # readers never see half a file
+        paths.write_file(path, lambda tmp: Path(tmp).write_bytes(payload), shared=True)
     except Exception:  # a backend that cannot serialise, a full disk: only the next process is slower
         pass
 
@@ -129,12 +118,21 @@ def call(jitted: Callable, args: tuple, static: dict, describe: Callable[[], Any
 
 
 def _compile(jitted: Callable, args: tuple, static: dict):
-    """A fresh compile, around JAX's persistent cache: an executable loaded from that cache
+    """A fresh compile, around JAX's caches: an executable loaded from JAX's persistent cache
     serialises without its kernels (jaxlib 0.10.2 on CPU: "Function ... not found" when the copy
-    runs), so it must not be the one written."""
+    runs), so it must not be the one written.
+    - JAX decides once per process whether the persistent cache is used, so switching it off takes
+      `reset_cache` (public, in jax.experimental.compilation_cache) before and after.
+    - JAX keeps the executable of an earlier jit call in memory, keyed on the program and its compiler
+      options, so the compile sets one option (to its default value: the program is unchanged) to
+      miss that entry."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
-        return jitted.lower(*args, **static).compile()
+        return jitted.lower(*args, **static).compile(compiler_options={"xla_embed_ir_in_executable": False})
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()

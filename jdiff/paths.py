@@ -39,13 +39,16 @@ def is_local(path: PathLike) -> bool:
     return "://" not in os.fspath(path)
 
 
-def write_file(path: PathLike, write: Callable[[str], None]) -> None:
+def write_file(path: PathLike, write: Callable[[str], None], shared: bool = False) -> None:
     """Calls `write(local_file_name)` and puts the result at `path` in one piece: a reader sees the
     old file or the new one, never half (a local file is renamed into place; an object is uploaded
-    from a local temporary copy and appears when the upload completes)."""
+    from a local temporary copy and appears when the upload completes). `shared`: other processes
+    may write the same file at once (a cache), so each writes under a name of its own."""
     path = as_path(path)
     local = is_local(path)
-    if local:  # a fixed name: a rerun's write replaces what a killed one left
+    if local and shared:
+        tmp = os.fspath(path.with_name(f".{path.name}.{os.getpid()}.partial"))
+    elif local:  # a fixed name: a rerun's write replaces what a killed one left
         tmp = os.fspath(temporary_name(path))
     else:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.")

@@ -19,29 +19,19 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-_MODELS = Path(__file__).resolve().parent / "models"
+from jdiff import paths
+from jdiff.source_digest import source_digest
+
 _VERSION = 1  # of the file format
-_source_digest = None
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("JDIFF_CACHE") or Path.home() / ".cache" / "jdiff") / "param_shapes"
 
 
-def _models_source() -> str:
-    """Digest of jdiff's model code: a change to any module there may change a parameter tree."""
-    global _source_digest
-    if _source_digest is None:
-        digest = hashlib.sha256()
-        for path in sorted(_MODELS.rglob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-        _source_digest = digest.hexdigest()
-    return _source_digest
-
-
 def key(module, inputs) -> str:
     described = dict(
-        version=_VERSION, source=_models_source(),
+        version=_VERSION, source=source_digest("models"),  # a change to the model code may change a tree
         module=f"{type(module).__module__}.{type(module).__qualname__}",
         config=module.config.to_dict(),
         dtypes=[str(getattr(module, name, None)) for name in ("dtype", "param_dtype")],
@@ -62,9 +52,7 @@ def _write(path: Path, tree) -> None:
     flat = {"/".join(k): [list(v.shape), str(v.dtype)] for k, v in traverse_util.flatten_dict(tree).items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(flat))
-        os.replace(partial, path)  # readers never see half a file, concurrent writers write the same
+        paths.write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(flat)), shared=True)
     except OSError:
         pass
 

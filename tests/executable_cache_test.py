@@ -1,6 +1,7 @@
 """jdiff.executable_cache: generate()'s compiled programs written once, loaded whole by later calls
 (in a real run, later processes) without tracing."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +56,30 @@ def test_a_program_already_in_jaxs_persistent_cache_is_written_whole(cache):
     assert jax.config.jax_compilation_cache_dir  # conftest's cache: the jit call below fills it
     program = jax.jit(lambda x, *, power: jnp.exp(x * power).sum(), static_argnames="power")
     x = jnp.linspace(0.0, 1.0, 97)
-    expected = program(x, power=2.5)
+    expected = program(x, power=2.5)  # compiled, and written to the persistent cache
+    jax.clear_caches()
+    np.testing.assert_allclose(program(x, power=2.5), expected, rtol=1e-6)  # now from that cache, kept in memory
     call = functools.partial(executable_cache.call, program, (x,), {"power": 2.5}, lambda: "exp-sum 2.5")
     np.testing.assert_allclose(call(), expected, rtol=1e-6)
     executable_cache._loaded.clear()
     np.testing.assert_allclose(call(), expected, rtol=1e-6)
     assert executable_cache.stats["read"] == before["read"] + 1  # the file ran, not compiled again
     assert executable_cache.stats["compiled"] == before["compiled"] + 1 and jax.config.jax_enable_compilation_cache
+
+    # As another process writing the same program: its compile must not come from the persistent cache either.
+    for entry in folder.glob("*.jaxexe"):
+        entry.unlink()
+    executable_cache._loaded.clear()
+    jax.clear_caches()
+    call()
+    executable_cache._loaded.clear()
+    np.testing.assert_allclose(call(), expected, rtol=1e-6)
+    assert executable_cache.stats["read"] == before["read"] + 2 and executable_cache.stats["compiled"] == before["compiled"] + 2
+
+    # and JAX's persistent cache is still in use afterwards.
+    entries = len(os.listdir(jax.config.jax_compilation_cache_dir))
+    jax.jit(lambda x: jnp.cos(x * 1.25).sum())(x)
+    assert len(os.listdir(jax.config.jax_compilation_cache_dir)) > entries
 
 
 def test_other_shapes_or_settings_get_their_own_program(tiny_sd_folder, cache, one_device):
