@@ -13,7 +13,7 @@ from jdiff.app import shapes, stages
 from jdiff.app.shapes_control import OutlineControl
 from jdiff.app.shapes_tfds import load_shapes
 from jdiff.configs import tiny
-from jdiff.data import make_loader
+from jdiff.data import ImageFolder, make_loader
 from jdiff.models import controlnet
 from parity import nchw_to_nhwc
 
@@ -176,3 +176,64 @@ def test_recipe_controlnet_stage_trains_exports_and_evaluates(tiny_sd_folder, ti
     steps = sorted(int(p.name) for p in (tmp_path / "controlnet" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]
     assert recipe.run(config, tmp_path)["controlnet"] == results  # a rerun finds the stage done
+
+
+def write_controlled_pictures(folder, count: int = 8):
+    """`count` random pictures, each with a control image (a coarse mask of it, saved at twice its
+    size) named in metadata.jsonl, as diffusers' train_controlnet.py datasets are laid out."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng, lines = np.random.default_rng(0), []
+    for i in range(count):
+        picture = rng.integers(0, 255, (32, 32, 3), np.uint8)
+        Image.fromarray(picture).save(folder / f"{i}.png")
+        mask = np.where(picture.mean(-1, keepdims=True) > 127, 255, 0).astype(np.uint8).repeat(3, -1)
+        Image.fromarray(mask).resize((64, 64), Image.Resampling.NEAREST).save(folder / f"{i}_control.png")
+        lines.append({"file_name": f"{i}.png", "text": "a red circle" if i % 2 else "circle",
+                      "conditioning_image": f"{i}_control.png"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    return folder
+
+
+def test_recipe_trains_a_controlnet_on_a_folder_for_a_pretrained_model(tiny_sd_folder, tmp_path):
+    """train.py --config.data.dataset=folder --config.stages=controlnet --config.pretrained=...: the
+    pictures' control images reach the batches, the export is diffusers' (with diffusers' default
+    control embedding cut to the VAE's factor), the samples pair control and drawn images, and
+    controlnet.init continues from an earlier ControlNet."""
+    from diffusers import ControlNetModel
+
+    from jdiff import image_io
+    from jdiff.app import recipe
+
+    pictures = write_controlled_pictures(tmp_path / "pictures")
+    config = tiny.get_config()
+    config.update(stages="controlnet", pretrained=str(tiny_sd_folder))
+    config.data.update(dataset="folder", folder=str(pictures))
+    config.controlnet_train.update(steps=3, learning_rate=1e-2)
+    results = recipe.run(config, tmp_path / "run")["controlnet"]
+    export = tmp_path / "run" / "controlnet" / "export"
+    written = ControlNetModel.from_pretrained(export)
+    assert tuple(written.config.conditioning_embedding_out_channels) == (16, 32, 96, 256)  # the tiny VAE: factor 8
+    _, trained = convert.load_controlnet(export)
+    assert np.abs(trained["controlnet_mid_block"]["kernel"]).max() > 0  # trained: the zero connection moved
+
+    assert results == {"samples": str(tmp_path / "run" / "controlnet" / "samples.png"), "num_samples": 8}
+    grid = image_io.load_image(results["samples"])
+    assert grid.shape == (8 * 32 + 7 * 2, 2 * 32 + 2, 3)  # rows of (control image, drawn image)
+    source = ImageFolder(pictures, 32, control_column="conditioning_image")
+    np.testing.assert_allclose(grid[34:66, :32], source.control_image(1), atol=1 / 255)
+    assert image_io.read_png_parameters(results["samples"])["prompts"][:2] == ["circle", "a red circle"]
+    assert recipe.run(config, tmp_path / "run")["controlnet"] == results  # a rerun finds the stage done
+
+    config.controlnet.init = str(export)  # continue from it: with learning rate 0 it stays as it was
+    config.controlnet_train.update(steps=1, learning_rate=0.0)
+    recipe.run(config, tmp_path / "again")
+    _, continued = convert.load_controlnet(tmp_path / "again" / "controlnet" / "export")
+    jax.tree.map(np.testing.assert_array_equal, continued, trained)
+
+    config.pretrained = ""  # no model to steer
+    with pytest.raises(jdiff.ConfigError, match="needs a model to steer"):
+        recipe.run(config, tmp_path / "none")

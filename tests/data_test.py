@@ -233,6 +233,51 @@ def test_image_folder_with_metadata_jsonl(folder):
     assert ImageFolder(folder, 8, caption_column="caption")[0]["caption"] == "x"
 
 
+def gradients(width: int, height: int) -> np.ndarray:
+    """Red waves across, green waves down (three each): a crop one pixel off shows."""
+    x, y = np.meshgrid(np.linspace(0, 6 * np.pi, width), np.linspace(0, 6 * np.pi, height))
+    return np.stack([128 + 100 * np.sin(x), 128 + 100 * np.sin(y), np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+def test_image_folder_control_images_are_cropped_as_their_pictures(tmp_path):
+    """A control image saved at another size (here the picture itself, twice as large or as a
+    PNG beside a JPEG that decodes at an eighth of its size) lands on the same crop as its picture."""
+    from jdiff.data import WithControl
+
+    root = tmp_path / "controlled"
+    root.mkdir()
+    Image.fromarray(gradients(400, 256)).save(root / "wide.jpg", quality=95)  # draft: decoded at 50x32
+    Image.fromarray(gradients(400, 256)).save(root / "wide_control.png")
+    Image.fromarray(gradients(30, 60)).save(root / "tall.png")
+    Image.fromarray(gradients(60, 120)).save(root / "tall_control.png")
+    lines = [{"file_name": "wide.jpg", "text": "wide", "conditioning_image": "wide_control.png"},
+             {"file_name": "tall.png", "text": "tall", "conditioning_image": "tall_control.png"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    source = ImageFolder(root, 16, control_column="conditioning_image")
+    for i in range(2):
+        picture = source[i]["image"] / 255.0
+        control = source.control_image(i)
+        assert control.shape == (16, 16, 3) and control.dtype == np.float32 and "control_image" not in source[i]
+        assert np.abs(control - picture).max() < 0.08, i  # resampled twice, at other sizes
+        assert np.abs(np.roll(control, 1, axis=1 - i) - picture)[2:-2, 2:-2].max() > 0.15  # one pixel off shows
+    paired = WithControl(source, source)
+    np.testing.assert_array_equal(paired[1]["control_image"], source.control_image(1))
+    assert paired[1]["caption"] == "tall" and len(paired) == 2
+
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "tall.png", "text": "t"}))
+    with pytest.raises(ConfigError, match="needs the keys 'file_name', 'text' and 'conditioning_image'"):
+        ImageFolder(root, 16, control_column="conditioning_image")
+    (root / "metadata.jsonl").write_text(json.dumps({**lines[1], "conditioning_image": "gone.png"}))
+    with pytest.raises(ConfigError, match="names 'gone.png'.*does not exist"):
+        ImageFolder(root, 16, control_column="conditioning_image")
+    with pytest.raises(ConfigError, match="opened without control images"):
+        ImageFolder(root, 16).control_image(0)
+    (root / "metadata.jsonl").unlink()
+    (root / "tall.txt").write_text("t")
+    with pytest.raises(ConfigError, match="control images are named in metadata.jsonl"):
+        ImageFolder(root, 16, control_column="conditioning_image")
+
+
 def test_image_folder_skips_and_counts_corrupt_images(folder):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "broken.txt").write_text("x")

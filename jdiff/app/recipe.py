@@ -19,18 +19,22 @@ import json
 import jax
 import numpy as np
 
-from jdiff import convert, distributed, families, samplers, schedules, sharding, train_lib
+from jdiff import control, convert, distributed, families, samplers, schedules, sharding, train_lib
 from jdiff.app import dreambooth, shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app.shapes_tfds import default_data_dir, load_shapes
 from jdiff.data import decode_example, encode_conditioning, encode_source, make_loader, to_model_range
-from jdiff.data.image_folder import ImageFolder
+from jdiff.data.image_folder import ImageFolder, WithControl
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
 from jdiff.lora import save_lora_weights, training as lora_training
 from jdiff.paths import Path
 
 STAGES = ("vae", "diffusion", "controlnet", "reward", "consistency", "noise")
+
+
+def _stages(config) -> list[str]:
+    return [s.strip() for s in config.stages.split(",") if s.strip()]
 
 
 def data_sources(config, workdir: Path):
@@ -45,8 +49,11 @@ def data_sources(config, workdir: Path):
     if data.dataset == "folder":
         if not data.folder:
             raise ConfigError("data.dataset is 'folder' but data.folder is empty: set --config.data.folder=DIR.")
-        # DreamBooth's pictures need no captions: they all get the instance prompt
-        return ImageFolder(data.folder, data.resolution, allow_missing_captions=dreambooth.enabled(config)), None
+        # DreamBooth's pictures need no captions: they all get the instance prompt. A ControlNet's
+        # pictures need their control images (checked and read by the same folder).
+        controls = data.control_column if "controlnet" in _stages(config) else None
+        return ImageFolder(data.folder, data.resolution, allow_missing_captions=dreambooth.enabled(config),
+                           control_column=controls), None
     raise ConfigError(f"unknown data.dataset {data.dataset!r}; use 'shapes' or 'folder'.")
 
 
@@ -190,7 +197,7 @@ def run(config, workdir) -> dict:
     """Runs config.stages, then samples held-out prompts and evaluates them (shapes data)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    requested = [s.strip() for s in config.stages.split(",") if s.strip()]
+    requested = _stages(config)
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in config.stages; use a comma-separated subset of {STAGES}.")
@@ -241,28 +248,41 @@ def run(config, workdir) -> dict:
 
 
 def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pipeline | None) -> dict | None:
-    """Stage 3 (shapes data): a ControlNet on the trained model (`pipe`, or <workdir>/pipeline), the
-    model frozen, each example's outlines its control image; exports <workdir>/controlnet/export
-    and writes controlnet_evaluation.json (held-out scenes with and without it)."""
-    from jdiff.app import shapes_control_eval
+    """Stage 3: a ControlNet on a trained model, the model frozen; exports <workdir>/controlnet/export.
+    - shapes data: on `pipe` (or <workdir>/pipeline), each example's outlines its control image; then
+      controlnet_evaluation.json (held-out scenes with and without it).
+    - folder data: on `pipe`, config.pretrained or <workdir>/pipeline, each picture's control image
+      named in metadata.jsonl (config.data.control_column); then controlnet/samples.png (the first
+      pictures' control images, and what the model draws from them and their captions)."""
     from jdiff.app.shapes_control import OutlineControl
     from jdiff.models import controlnet
 
-    pipe = stages.trained_pipeline(config, workdir, pipe, "controlnet", test_source)
+    folder_data = config.data.dataset == "folder"
+    if folder_data:
+        pipe, folder = _folder_controlnet_base(config, workdir, pipe), train_source
+    else:
+        pipe = stages.trained_pipeline(config, workdir, pipe, "controlnet", test_source)
     section, resolution = config.controlnet, config.data.resolution
-    module, params = controlnet.from_unet(
-        pipe.unet, pipe.params["unet"], jax.random.key(config.seed), dtype=stages.compute_dtype(config),
-        conditioning_embedding_out_channels=tuple(section.conditioning_embedding_out_channels))
+    vae, vae_params = pipe.vae, pipe.params["vae"]
+    if section.init:  # continue training a ControlNet written earlier (diffusers' --controlnet_model_name_or_path)
+        attached = control.load_controlnet(pipe, section.init)  # refuses one made for another model
+        module, params = attached.modules[control.PREFIX], attached.params[control.PREFIX]
+    else:
+        module, params = controlnet.from_unet(
+            pipe.unet, pipe.params["unet"], jax.random.key(config.seed), dtype=stages.compute_dtype(config),
+            conditioning_embedding_out_channels=control_widths(section, vae.config.downscale))
     base = pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
-    vae, vae_params = base.vae, base.params["vae"]
     cache = config.data.cache_latents
-    source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
-                           show_progress=distributed.is_main()) if cache else train_source
+    pictures = folder if folder_data else train_source
+    source = encode_source(stages.latent_encoder(vae, vae_params), pictures,
+                           show_progress=distributed.is_main()) if cache else pictures
+    # control images are read as batches are drawn, not kept in memory with the latents
+    source = WithControl(source, folder) if folder_data else OutlineControl(source, "train", resolution, config.seed)
     stage = stages.diffusion_stage(base, stages.make_objective(config, base.scheduler),
                                    latent_size=resolution // vae.config.downscale,
                                    caption_dropout=config.data.caption_dropout, train_text_encoder=False,
                                    cached_latents=cache, controlnet=True)
-    loader = _loader(OutlineControl(source, "train", resolution, config.seed), config.controlnet_train, config.seed)
+    loader = _loader(source, config.controlnet_train, config.seed)
     state, _ = train_lib.train(stage, config.controlnet_train, workdir / "controlnet", loader,
                                total_batch=config.controlnet_train.batch_size)
     if int(state.step) < config.controlnet_train.steps:
@@ -271,6 +291,10 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
     controlled = base.replace(params={**base.params, "controlnet": trained})
     if distributed.is_main():
         convert.save_controlnet(module, trained, workdir / "controlnet" / "export")
+    if folder_data:
+        return _controlnet_samples(config, controlled, folder, workdir / "controlnet" / "samples.png")
+    from jdiff.app import shapes_control_eval
+
     s = config.sample
     kw = dict(num_prompts=section.num_prompts, guidance=section.guidance, sampler=s.sampler, steps=s.steps,
               resolution=resolution, data_seed=config.seed, batch_size=config.evaluate.batch_size)
@@ -279,6 +303,54 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
     if distributed.is_main():
         (workdir / "controlnet_evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+CONTROL_WIDTHS = (16, 32, 96, 256)  # diffusers' ControlNetModel default, for a VAE of factor 8
+
+
+def control_widths(section, vae_factor: int) -> tuple[int, ...]:
+    """The control embedding's widths: config.controlnet's, or else diffusers' default cut to one
+    width per halving from the control image to the latents, plus one (factor 2: (16, 32))."""
+    if section.conditioning_embedding_out_channels:
+        return tuple(section.conditioning_embedding_out_channels)
+    halvings = int(vae_factor).bit_length() - 1
+    if vae_factor != 1 << halvings or halvings >= len(CONTROL_WIDTHS):
+        raise ConfigError(f"the VAE's factor {vae_factor} needs config.controlnet.conditioning_embedding_out_channels "
+                          f"set: one width per halving from the image to the latents, plus one.")
+    return CONTROL_WIDTHS[:halvings + 1]
+
+
+def _folder_controlnet_base(config, workdir: Path, pipe: Pipeline | None) -> Pipeline:
+    """The model a ControlNet is trained for on folder data: the one this run fine-tuned, else
+    config.pretrained, else the diffusion stage's export."""
+    if pipe is not None:
+        return pipe
+    dtype = stages.compute_dtype(config)
+    if config.pretrained:
+        return families.load_pipeline(config.pretrained, dtype=dtype)
+    exported = workdir / "pipeline"
+    if not (exported / "model_index.json").is_file():
+        raise ConfigError(f"the controlnet stage needs a model to steer: set config.pretrained to a diffusers folder, "
+                          f"or run the 'diffusion' stage first ({exported} does not exist).")
+    return families.load_pipeline(exported, dtype=dtype)
+
+
+def _controlnet_samples(config, pipe: Pipeline, source: ImageFolder, path: Path) -> dict:
+    """Pairs of (control image, drawn image) for the first pictures of `source` and their captions."""
+    from jdiff import image_io
+    from jdiff.pipeline import generate
+
+    count, s, section = min(config.controlnet.num_samples, len(source)), config.sample, config.controlnet
+    captions = [text for _, text in source.entries[:count]]
+    controls = np.stack([source.control_image(i) for i in range(count)])
+    images = generate(pipe, captions, control_image=controls, sampler=s.sampler, steps=s.steps,
+                      guidance=section.guidance, seed=0, height=config.data.resolution, width=config.data.resolution)
+    pairs = [image for pair in zip(controls, images) for image in pair]
+    if distributed.is_main():
+        image_io.save_png(path, image_io.image_grid(pairs, columns=2),
+                          {"prompts": captions, "sampler": s.sampler, "steps": s.steps, "guidance": section.guidance,
+                           "layout": "rows of (control image, generated image)"})
+    return {"samples": str(path), "num_samples": count}
 
 
 def sample_and_evaluate(config, pipe: Pipeline, workdir: Path, test_source) -> dict:

@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         dataset="shapes",  # "shapes" (embedded, generated) or "folder" (images + captions)
         folder="",  # for dataset="folder"
+        control_column="conditioning_image",  # folder data, controlnet stage: metadata.jsonl's control image key
         data_dir="",  # where the shapes set is built; default <workdir>/data
         resolution=32,
         num_train=10_000,
@@ -155,14 +156,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.dreambooth = ml_collections.ConfigDict(dict(
         instance_prompt="", class_prompt="", class_folder="", num_class_images=100, prior_loss_weight=1.0))
 
-    # The "controlnet" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): a
-    # ControlNet on the trained model with each example's object outlines as control images (where,
-    # how big, what shape; the caption still says the colour), exported to <workdir>/controlnet/export,
-    # then controlnet_evaluation.json: box IoU, controlled cell, colour and shape of generated objects
-    # on held-out scenes, with and without it. conditioning_embedding_out_channels: one width per
-    # halving of the control image to the latent size (the default VAE's factor 2: two).
+    # The "controlnet" stage (after "diffusion", or alone on <workdir>/pipeline or config.pretrained): a
+    # ControlNet trained on a frozen model, exported to <workdir>/controlnet/export.
+    # - shapes data: each example's object outlines are its control image (where, how big, what
+    #   shape; the caption still says the colour); then controlnet_evaluation.json: box IoU,
+    #   controlled cell, colour and shape of generated objects on held-out scenes, with and without it.
+    # - folder data: each picture's control image is named in metadata.jsonl under data.control_column;
+    #   then <workdir>/controlnet/samples.png draws num_samples of them.
+    # conditioning_embedding_out_channels: one width per halving of the control image to the latent
+    # size, plus one; empty: diffusers' (16, 32, 96, 256) cut to the VAE's factor. init: a diffusers
+    # ControlNet folder to continue training instead of a new one copied from the U-Net.
     config.controlnet = ml_collections.ConfigDict(dict(
-        conditioning_embedding_out_channels=(16, 32), num_prompts=200, guidance=4.0))
+        conditioning_embedding_out_channels=(), init="", num_prompts=200, num_samples=8, guidance=4.0))
     config.controlnet_train = train_section(steps=2000, batch_size=32, learning_rate=5e-4, eval_every=100_000)
 
     # The "reward" stage (shapes data; after "diffusion", or alone on <workdir>/pipeline): DRaFT-K reward

@@ -13,6 +13,17 @@ with where it came from: {"image": uint8 [R, R, 3], "caption": str, "original_si
 upright picture's (height, width) before resizing, "crop_top_left": int32 [2], the (y, x) of the
 crop in the resized picture}. SDXL's micro-conditioning is made of these (diffusers' training
 script records the same two pairs); families without it ignore them.
+
+For training a ControlNet, `control_column` names the metadata column that holds each picture's
+control image (diffusers' train_controlnet.py calls it "conditioning_image"):
+
+    folder/metadata.jsonl    {"file_name": "cat.png", "text": "a cat", "conditioning_image": "edges/cat.png"}
+
+The control image is scaled to its picture's size and cropped as the picture is, so the two stay
+aligned whatever size it was saved at: `folder.control_image(i)`, float32 [R, R, 3] in [0, 1].
+`WithControl(source, folder)` adds it to every example of `source` (the folder itself, or the
+latents encoded from it) as "control_image", read from disk as batches are drawn rather than held
+in memory with the latents.
 """
 
 import json
@@ -50,6 +61,15 @@ def _open_rgb(path: Path, resolution: int) -> tuple[Image.Image, tuple[int, int]
     return image.convert("RGB"), (height, width)
 
 
+def _decoded_size(path: Path, resolution: int) -> tuple[int, int]:
+    """The upright (width, height) `_open_rgb` decodes the picture at, from its header alone."""
+    with path.open("rb") as file, Image.open(file) as image:
+        image.draft("RGB", (resolution, resolution))
+        width, height = image.size
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS
+    return (height, width) if turned else (width, height)
+
+
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """(width, height) with the shorter side scaled to `resolution`."""
     scale = resolution / min(width, height)
@@ -70,7 +90,14 @@ def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
     return resize_and_center_crop(image, resolution)[0]
 
 
-def _from_metadata(root: Path, caption_column: str) -> list[tuple[Path, str]]:
+def _file(root: Path, path: Path, number: int, name: str) -> Path:
+    found = root / name
+    if not found.is_file():
+        raise ConfigError(f"{str(path)!r} line {number} names {name!r}, but {str(found)!r} does not exist.")
+    return found
+
+
+def _from_metadata(root: Path, caption_column: str, control_column: str | None) -> list[tuple[Path, str, Path | None]]:
     path = root / METADATA
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -80,26 +107,25 @@ def _from_metadata(root: Path, caption_column: str) -> list[tuple[Path, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{str(path)!r} line {number} is not valid JSON: {e}") from None
-        if not isinstance(record, dict) or "file_name" not in record or caption_column not in record:
-            raise ConfigError(f"{str(path)!r} line {number} needs the keys 'file_name' and "
-                              f"{caption_column!r}; got {line.strip()[:200]!r}.")
-        image = root / record["file_name"]
-        if not image.is_file():
-            raise ConfigError(f"{str(path)!r} line {number} names {record['file_name']!r}, but "
-                              f"{str(image)!r} does not exist.")
-        entries.append((image, str(record[caption_column])))
+        needed = ("file_name", caption_column) + ((control_column,) if control_column else ())
+        if not isinstance(record, dict) or any(key not in record for key in needed):
+            names = [repr(key) for key in needed]
+            raise ConfigError(f"{str(path)!r} line {number} needs the keys {', '.join(names[:-1])} and {names[-1]}; "
+                              f"got {line.strip()[:200]!r}.")
+        control = _file(root, path, number, record[control_column]) if control_column else None
+        entries.append((_file(root, path, number, record["file_name"]), str(record[caption_column]), control))
     return entries
 
 
-def _from_text_files(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str]]:
+def _from_text_files(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str, None]]:
     images = sorted(p for p in paths.visible_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
     entries = []
     for image in images:
         text = image.with_suffix(".txt")
         if text.is_file():
-            entries.append((image, text.read_text(encoding="utf-8").strip()))
+            entries.append((image, text.read_text(encoding="utf-8").strip(), None))
         elif allow_missing_captions:
-            entries.append((image, ""))
+            entries.append((image, "", None))
         else:
             raise ConfigError(f"image {str(image)!r} has no caption file {text.name!r} (pass "
                               f"allow_missing_captions=True to train on it with an empty caption).")
@@ -110,7 +136,7 @@ class ImageFolder:
     """Random-access source (len, [i]) over a folder of captioned images; usable by grain."""
 
     def __init__(self, root, resolution: int, *, allow_missing_captions: bool = False,
-                 caption_column: str = "text", verify: bool = True):
+                 caption_column: str = "text", control_column: str | None = None, verify: bool = True):
         self.root = Path(root)
         if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
             raise ConfigError(f"image folder resolution must be a positive integer (got {resolution!r}).")
@@ -118,23 +144,30 @@ class ImageFolder:
         if not self.root.is_dir():
             raise ConfigError(f"image folder {str(self.root)!r} does not exist or is not a directory.")
         if (self.root / METADATA).is_file():
-            entries = _from_metadata(self.root, caption_column)
+            entries = _from_metadata(self.root, caption_column, control_column)
+        elif control_column:
+            raise ConfigError(f"image folder {str(self.root)!r}: control images are named in {METADATA} (a "
+                              f"{control_column!r} key per line beside 'file_name'), and it has none.")
         else:
             entries = _from_text_files(self.root, allow_missing_captions)
         if not entries:
             raise ConfigError(f"image folder {str(self.root)!r} holds no images "
                               f"({', '.join(IMAGE_EXTENSIONS)}) and no {METADATA}.")
         self.entries: list[tuple[Path, str]] = []
+        self.controls: list[Path] = []  # with control_column: each entry's control image
         self.skipped: list[tuple[Path, str]] = []  # (image, why) of every unreadable image
-        for path, text in entries:
+        for path, text, control in entries:
             try:
                 if verify:
-                    _open_rgb(path, self.resolution)
+                    for image in (path, control) if control else (path,):
+                        _open_rgb(image, self.resolution)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 self.skipped.append((path, str(e)))
-                warnings.warn(f"skipping unreadable image {str(path)!r}: {e}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {str(path)!r} (or its control image): {e}", stacklevel=2)
             else:
                 self.entries.append((path, text))
+                if control:
+                    self.controls.append(control)
         if not self.entries:
             raise ConfigError(f"image folder {str(self.root)!r}: none of its {len(entries)} images "
                               f"could be read (first: {str(self.skipped[0][0])!r}).")
@@ -154,9 +187,41 @@ class ImageFolder:
             # Opened with verify=False, or the file changed on disk after it was checked.
             raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
         pixels, crop_top_left = resize_and_center_crop(image, self.resolution)
-        return {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
-                "crop_top_left": np.asarray(crop_top_left, np.int32)}
+        example = {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
+                   "crop_top_left": np.asarray(crop_top_left, np.int32)}
+        return example
+
+    def control_image(self, index: int) -> np.ndarray:
+        """Picture `index`'s control image, scaled to the size the picture decodes at and cropped as
+        it is: float32 [R, R, 3] in [0, 1] (floats, which the loader leaves as they are)."""
+        if not self.controls:
+            raise ConfigError(f"image folder {str(self.root)!r} was opened without control images (control_column).")
+        path = self.controls[index]
+        try:
+            size = _decoded_size(self.entries[index][0], self.resolution)
+            control, _ = _open_rgb(path, min(size))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ConfigError(f"cannot read control image {str(path)!r} or its picture: {e}") from None
+        if control.size != size:
+            control = control.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return resize_and_center_crop(control, self.resolution)[0].astype(np.float32) / 255.0
 
     def __repr__(self) -> str:
         return (f"ImageFolder({str(self.root)!r}, resolution={self.resolution}, "
                 f"{len(self)} images, {self.num_skipped} skipped)")
+
+
+class WithControl:
+    """`source` (an ImageFolder opened with control_column, or the latents encoded from it) with each
+    example's "control_image" from `folder`; random access, usable by grain."""
+
+    def __init__(self, source, folder: ImageFolder):
+        if len(source) != len(folder):
+            raise ValueError(f"{len(source)} examples but {len(folder)} pictures in {folder!r}")
+        self.source, self.folder = source, folder
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.source[int(index)], "control_image": self.folder.control_image(int(index))}
