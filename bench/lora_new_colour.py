@@ -17,6 +17,10 @@ Measured, for the base model and for base + LoRA, with a detector that knows sev
 
     python train.py --workdir /work/runs/final                 # the default run (about 20 minutes)
     python bench/lora_new_colour.py /work/runs/final           # -> bench/results/lora_new_colour.json
+
+Over several default runs (seeds), each report written with --out, then their mean and worst:
+
+    python bench/lora_new_colour.py --summarize s0.json s1.json s2.json --out bench/results/lora_new_colour_runs.json
 """
 
 import argparse
@@ -93,7 +97,46 @@ def lora_config(args, pretrained: Path, folder: Path, resolution: int):
     return config
 
 
+def summarize(reports: list[Path], out: str) -> None:
+    """Mean and worst over several runs' reports of the figures the targets name."""
+    runs = [json.loads(Path(r).read_text()) for r in reports]
+
+    def figures(report: dict) -> dict:
+        result, settings = report["results"][0], report["settings"]
+        lora = result["base_plus_lora"]
+        teal, known = lora["teal_held_out"], lora["six_colours_held_out"]
+        return {"teal_colour_accuracy": teal["colour_accuracy"],
+                "teal_one_object_prompts": teal["per_object_count"]["1_objects"]["colour_accuracy"],
+                "teal_two_object_prompts": teal["per_object_count"]["2_objects"]["colour_accuracy"],
+                "known_colours_colour_accuracy": known["colour_accuracy"],
+                "worst_known_colour": min(c["colour_accuracy"] for c in known["per_colour"].values()),
+                "base_teal_colour_accuracy": result["base"]["teal_held_out"]["colour_accuracy"],
+                "train_seconds": result["train_seconds"], "workdir": settings["workdir"]}
+
+    each = [figures(r) for r in runs]
+    summary = {}
+    for name in each[0]:
+        if name == "workdir":
+            continue
+        values = [e[name] for e in each]
+        worst = max(values) if name == "train_seconds" else min(values)
+        summary[name] = dict(mean=round(sum(values) / len(values), 4), worst=worst, runs=values)
+    targets = dict(teal_at_least_0_8=summary["teal_colour_accuracy"]["worst"] >= 0.8,
+                   each_known_colour_at_least_0_9=summary["worst_known_colour"]["worst"] >= 0.9,
+                   within_5_minutes=summary["train_seconds"]["worst"] <= 300)
+    write_report(out, [dict(summary=summary, targets_met_by_every_run=targets)],
+                 runs=[dict(report=str(r), workdir=e["workdir"]) for r, e in zip(reports, each)],
+                 settings=runs[0]["settings"])
+    print(json.dumps(dict(summary={k: (v["mean"], v["worst"]) for k, v in summary.items()}, targets=targets)))
+
+
 def main():
+    if "--summarize" in sys.argv:
+        summary = argparse.ArgumentParser(description="mean and worst of several runs' reports")
+        summary.add_argument("--summarize", nargs="+", required=True, metavar="REPORT")
+        summary.add_argument("--out", required=True)
+        args = summary.parse_args()
+        return summarize([Path(r) for r in args.summarize], args.out)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", help="the default train.py run's workdir (its pipeline/ and config.json)")
     parser.add_argument("--out-dir", default="/tmp/jdiff_lora_new_colour", help="training folder and LoRA run")

@@ -14,16 +14,22 @@ from jdiff.errors import ConfigError
 from jdiff.paths import Path
 
 
-def load_image(path, mode: str = "RGB") -> np.ndarray:
-    """[H, W, 3] (mode "RGB") or [H, W] (mode "L") float32 in [0, 1]."""
+def open_image(path) -> Image.Image:
+    """The picture at `path` as Pillow decodes it (its own mode), read whole."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"image {str(path)!r} does not exist.")
     try:
         with path.open("rb") as file, Image.open(file) as image:
-            return np.asarray(image.convert(mode), np.float32) / 255.0
+            image.load()
+            return image.copy()
     except (OSError, SyntaxError) as e:
         raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
+
+
+def load_image(path, mode: str = "RGB") -> np.ndarray:
+    """[H, W, 3] (mode "RGB") or [H, W] (mode "L") float32 in [0, 1]."""
+    return np.asarray(open_image(path).convert(mode), np.float32) / 255.0
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -14,8 +14,17 @@ those hidden states: one token per image patch); the image encoder is a transfor
 CLIPVisionModelWithProjection folder. The image tokens and the scale travel with each
 half's conditioning (`cond["image_prompt"]`), so guidance doubles them with the prompts; the
 scale is traced.
+
+Several IP-Adapters (a style and a face adapter, say) can be attached at once, as diffusers'
+`load_ip_adapter` with a list of files attaches them: they share one image encoder, each reads its
+own picture, and each layer adds every adapter's term with that adapter's scale. An adapter's mask
+(diffusers' `ip_adapter_masks`, as `IPAdapterMaskProcessor` prepares it: resized to the output,
+binarised) confines its term to part of the image: each layer scales the mask to its own grid by
+PyTorch's bicubic rule, as diffusers does, and multiplies the term by it.
 """
 
+import math
+import os
 import re
 
 import flax.linen as nn
@@ -67,18 +76,53 @@ def _read(path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"IP-Adapter file {str(path)!r} is corrupt or unreadable: {e}") from None
 
 
-def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
-    """`pipe` with the IP-Adapter (or IP-Adapter Plus) of `path` (a .safetensors file as diffusers'
-    load_ip_adapter reads it) and the CLIP image encoder of the folder `image_encoder` attached. Its
-    preprocessor_config.json, if there, sets the image preprocessing (else CLIP's defaults)."""
+def load_ip_adapter(pipe: Pipeline, path, *, image_encoder=None) -> Pipeline:
+    """`pipe` with the IP-Adapter(s) of `path` attached: a .safetensors file as diffusers'
+    load_ip_adapter reads it (plain, Plus or full-face), or a list of them. On a pipeline that has
+    IP-Adapters attached, the new ones are added after them (diffusers' load_ip_adapter replaces
+    the ones loaded before: load the base pipeline again for that). All share one CLIP image encoder, as in
+    diffusers: `image_encoder` (its folder; a preprocessor_config.json there sets the image
+    preprocessing, else CLIP's defaults) is needed with the first adapter; given again, it must name
+    the same folder."""
     if pipe.family.denoiser_name != "unet":
         raise ConfigError(f"IP-Adapter adapts a U-Net's cross-attention (SD 1.x/2.x, SDXL); {pipe.family.name} "
                           "models have none.")
+    files = [path] if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__") else list(path)
+    if not files:
+        raise ConfigError("load_ip_adapter: no IP-Adapter file given.")
+    modules, params, settings = dict(pipe.modules), dict(pipe.params), dict(pipe.settings)
+    if attached(pipe):
+        if image_encoder is not None and _folder_name(image_encoder) != settings.get("image_encoder_folder"):
+            raise ConfigError(f"the IP-Adapters attached use the image encoder in {settings.get('image_encoder_folder')!r};"
+                              f" all share one (as in diffusers), so {str(image_encoder)!r} cannot join them.")
+    elif image_encoder is None:
+        raise ConfigError("load_ip_adapter needs image_encoder=FOLDER (a CLIPVisionModelWithProjection folder) for "
+                          "the first IP-Adapter.")
+    else:
+        folder = paths.as_path(image_encoder)
+        modules["image_encoder"], params["image_encoder"] = convert.load_clip_vision(folder, dtype=pipe.unet.dtype)
+        found = (folder / clip_preprocess.CONFIG_NAME).is_file()
+        settings["image_preprocess"] = clip_preprocess.ImageProcessorConfig.load(folder) if found \
+            else clip_preprocess.ImageProcessorConfig()
+        settings["image_encoder_folder"] = _folder_name(image_encoder)
+    loaded = list(params.get("ip_adapter", []))
+    for file in files:
+        loaded.append(_read_adapter(pipe, modules["image_encoder"], file))
+    return pipe.replace(modules=modules, params={**params, "ip_adapter": loaded}, settings=settings)
+
+
+def _folder_name(folder) -> str:
+    """A folder's name to compare by: absolute for a local one, as given for an object store's."""
+    return os.path.abspath(folder) if paths.is_local(folder) else str(folder)
+
+
+def _read_adapter(pipe: Pipeline, encoder, path) -> dict:
+    """One IP-Adapter file as {kind: its image projection, "layers": {cross-attention path: to_k_ip, to_v_ip}},
+    checked against the U-Net and the image encoder."""
     state = _read(path)
     # The kind, by the keys diffusers tells them apart by; each reads its own image features.
     kind = "plus" if "image_proj.latents" in state else "full" if "image_proj.proj.3.weight" in state else "projection"
     projection = {"plus": _plus_projection, "full": _full_projection, "projection": _projection}[kind](state, path)
-    encoder, encoder_params = convert.load_clip_vision(image_encoder, dtype=pipe.unet.dtype)
     width = int(projection["norm_out" if kind == "plus" else "norm"]["scale"].shape[0])
     if width != pipe.unet.config.cross_attention_dim:
         raise ConfigError(f"this IP-Adapter makes {width}-wide tokens; the U-Net attends to "
@@ -103,13 +147,7 @@ def load_ip_adapter(pipe: Pipeline, path, *, image_encoder) -> Pipeline:
     if unused:
         raise CheckpointError(f"{str(path)!r} has weights for more cross-attention layers than this U-Net has, "
                               f"e.g. {unused[:3]}: it was made for another U-Net.")
-    adapter = {kind: projection, "layers": layers}
-    folder = paths.as_path(image_encoder)
-    found = (folder / clip_preprocess.CONFIG_NAME).is_file()
-    preprocess = clip_preprocess.ImageProcessorConfig.load(folder) if found else clip_preprocess.ImageProcessorConfig()
-    return pipe.replace(modules={**pipe.modules, "image_encoder": encoder},
-                        params={**pipe.params, "image_encoder": encoder_params, "ip_adapter": adapter},
-                        settings={**pipe.settings, "image_preprocess": preprocess})
+    return {kind: projection, "layers": layers}
 
 
 def _linear(state, key, bias: bool = True) -> dict:
@@ -198,24 +236,135 @@ def attached(pipe: Pipeline) -> bool:
     return "ip_adapter" in pipe.params
 
 
+def count(pipe: Pipeline) -> int:
+    """How many IP-Adapters are attached."""
+    return len(pipe.params.get("ip_adapter", ()))
+
+
+def _per_adapter(value, adapters: int, name: str) -> list:
+    """One entry per attached adapter: with one, `value` itself; with several, a list of them."""
+    if adapters == 1:
+        return [value]
+    if not isinstance(value, (list, tuple)) or len(value) != adapters:
+        raise ConfigError(f"{adapters} IP-Adapters are attached: pass {name} as a list with one entry per adapter.")
+    return list(value)
+
+
 def image_pixels(pipe: Pipeline, images, batch: int) -> np.ndarray:
-    """generate()'s ip_adapter_image (one picture for all prompts, or one per prompt; PIL, uint8 or
-    [0, 1] floats) as the image encoder's input [B, S, S, 3]."""
-    pictures = images if isinstance(images, (list, tuple)) else [images]
-    if len(pictures) == 1 and batch > 1:
-        pictures = pictures * batch
-    if len(pictures) != batch:
-        raise ConfigError(f"ip_adapter_image has {len(pictures)} pictures for {batch} prompts.")
-    return np.asarray(clip_preprocess.preprocess(pictures, pipe.settings.get("image_preprocess")), np.float32)
+    """generate()'s ip_adapter_image as the image encoder's input [B, adapters, S, S, 3]. Per adapter:
+    one picture for all prompts, or one per prompt (PIL, uint8 or [0, 1] floats)."""
+    columns = []
+    for given in _per_adapter(images, count(pipe), "ip_adapter_image"):
+        pictures = given if isinstance(given, (list, tuple)) else [given]
+        if len(pictures) == 1 and batch > 1:
+            pictures = pictures * batch
+        if len(pictures) != batch:
+            raise ConfigError(f"ip_adapter_image has {len(pictures)} pictures for {batch} prompts.")
+        columns.append(np.asarray(clip_preprocess.preprocess(pictures, pipe.settings.get("image_preprocess")),
+                                  np.float32))
+    return np.stack(columns, axis=1)
+
+
+def image_scales(pipe: Pipeline, scales, batch: int) -> np.ndarray:
+    """generate()'s ip_adapter_scale as [B, adapters]: one number for all, or per adapter one number
+    or one per prompt."""
+    columns, adapters = [], count(pipe)
+    if np.ndim(scales) == 0:  # one number for every adapter, as diffusers' set_ip_adapter_scale(0.6)
+        scales = [scales] * adapters if adapters > 1 else scales
+    for given in _per_adapter(scales, adapters, "ip_adapter_scale"):
+        if np.ndim(given) != 0 and np.size(given) != batch:
+            raise ConfigError(f"ip_adapter_scale must be one number or one per prompt ({batch}) for each IP-Adapter.")
+        columns.append(np.broadcast_to(np.asarray(given, np.float32), (batch,)))
+    return np.stack(columns, axis=1)
+
+
+def image_masks(pipe: Pipeline, masks, batch: int, height: int, width: int) -> dict:
+    """generate()'s ip_adapter_mask as {"mask": [B, adapters, H, W] of 0/1, "masked": [B, adapters]},
+    prepared as diffusers' IPAdapterMaskProcessor does (a PIL image resized to the output with
+    Lanczos in its own mode, then grey levels; an array resized with nearest neighbours; binarised
+    at 0.5). Per adapter: None (it acts everywhere, untouched, as in diffusers), one mask for all
+    prompts, or a list with one per prompt; a mask is a PIL image, or [h, w] floats in [0, 1] or
+    uint8 in 0..255."""
+    columns, flags = [], []
+    for given in _per_adapter(masks, count(pipe), "ip_adapter_mask"):
+        per_prompt = list(given) if isinstance(given, (list, tuple)) else [given]
+        if len(per_prompt) == 1:
+            per_prompt = per_prompt * batch
+        if len(per_prompt) != batch:
+            raise ConfigError(f"ip_adapter_mask has {len(per_prompt)} masks for {batch} prompts.")
+        flags.append(given is not None)
+        columns.append(np.ones((batch, height, width), np.float32) if given is None
+                       else np.stack([_binary_mask(m, height, width) for m in per_prompt]))
+    return {"mask": np.stack(columns, axis=1), "masked": np.broadcast_to(np.float32(flags), (batch, len(flags))).copy()}
+
+
+def _binary_mask(mask, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(mask, Image.Image):
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+        return (np.asarray(mask.convert("L"), np.float32) / 255 >= 0.5).astype(np.float32)
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ConfigError(f"an ip_adapter_mask is one [height, width] mask (or a PIL image); got shape {array.shape}.")
+    if array.dtype == np.uint8:
+        if array.max() == 1:
+            raise ConfigError("a uint8 ip_adapter_mask holds only 0 and 1: give 0 and 255, or floats in [0, 1].")
+        array = array.astype(np.float32) / 255
+    array = np.clip(array.astype(np.float32), 0, 1)
+    if array.shape != (height, width):
+        array = np.asarray(Image.fromarray(array, mode="F").resize((width, height), Image.Resampling.NEAREST))
+    return (array >= 0.5).astype(np.float32)
+
+
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in]: PyTorch's bicubic interpolation (align_corners=False, A=-0.75, edges
+    repeated, no antialiasing) as a matrix, what diffusers' mask downsampling runs."""
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    matrix = np.zeros((size_out, size_in), np.float64)
+    for i in range(size_out):
+        source = (i + 0.5) * size_in / size_out - 0.5
+        left, t = math.floor(source), source - math.floor(source)
+        for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            matrix[i, min(max(left + offset, 0), size_in - 1)] += weight
+    return matrix.astype(np.float32)
+
+
+def mask_for_layer(mask, queries: int):
+    """[B, H, W] mask -> [B, queries, 1] for a layer of `queries` positions, as diffusers'
+    IPAdapterMaskProcessor.downsample does it (its grid from the mask's aspect; padded with zeros or
+    cut when the grid's area differs from `queries`)."""
+    height, width = mask.shape[1:]
+    rows = int(math.sqrt(queries / (width / height)))
+    rows += int(queries % rows != 0)
+    columns = queries // rows
+    small = jnp.einsum("yh,bhw,xw->byx", _bicubic_matrix(height, rows), mask, _bicubic_matrix(width, columns),
+                       precision=jax.lax.Precision.HIGHEST)
+    flat = small.reshape(mask.shape[0], rows * columns)[:, :queries]
+    flat = jnp.pad(flat, ((0, 0), (0, queries - flat.shape[1])))
+    return flat[..., None]
 
 
 def image_tokens(modules, params, pixels, dtype):
-    """(tokens for the images, tokens for the unconditional half) [B, T, D], as diffusers' encode_image
-    makes them: the plain IP-Adapter projects the image encoder's embedding, and zeros for the
-    unconditional half; Plus resamples its penultimate hidden states, and those of a zero image, and
-    the full-face adapter maps each of them through its MLP."""
-    encoder, adapter = modules["image_encoder"], params["ip_adapter"]
+    """Per adapter, (tokens for the images, tokens for the unconditional half) [B, T, D], as diffusers'
+    encode_image makes them, from pixels [B, adapters, S, S, 3]: the plain IP-Adapter projects the
+    image encoder's embedding, and zeros for the unconditional half; Plus resamples its penultimate
+    hidden states, and those of a zero image, and the full-face adapter maps each of them through
+    its MLP. Returns (tuple of the adapters' tokens, tuple of their unconditional tokens)."""
+    encoder = modules["image_encoder"]
     run = lambda x, **kw: encoder.apply({"params": params["image_encoder"]}, x, **kw)  # noqa: E731
+    pictured, unpictured = [], []
+    for n, adapter in enumerate(params["ip_adapter"]):
+        tokens = _adapter_tokens(adapter, run, pixels[:, n], dtype)
+        pictured.append(tokens[0])
+        unpictured.append(tokens[1])
+    return tuple(pictured), tuple(unpictured)
+
+
+def _adapter_tokens(adapter: dict, run, pixels, dtype):
     if "plus" in adapter or "full" in adapter:
         both = run(jnp.concatenate([pixels, jnp.zeros_like(pixels)]), output_hidden_states=True).hidden_states[-2]
         both = both.astype(jnp.float32)
@@ -238,11 +387,13 @@ def image_tokens(modules, params, pixels, dtype):
 
 
 class WithImagePrompt:
-    """A Flax module stand-in for the U-Net: `apply(..., image_prompt=(tokens [B, T, D], scale [B]))`
-    runs it with each cross-attention layer's image term added; without image_prompt, the U-Net."""
+    """A Flax module stand-in for the U-Net: `apply(..., image_prompt=(tokens, scales [B, adapters],
+    masks or None))`, tokens a tuple with one [B, T, D] per adapter and masks as `image_masks` makes
+    them, runs it with
+    each cross-attention layer's image terms added; without image_prompt, the U-Net."""
 
-    def __init__(self, module, layers: dict):
-        self._module, self._layers = module, layers
+    def __init__(self, module, adapters: list):
+        self._module, self._layers = module, [adapter["layers"] for adapter in adapters]
 
     def __getattr__(self, name):
         return getattr(self._module, name)
@@ -250,14 +401,27 @@ class WithImagePrompt:
     def apply(self, variables, *args, image_prompt=None, **kwargs):
         if image_prompt is None:
             return self._module.apply(variables, *args, **kwargs)
-        tokens, scale = image_prompt
+        tokens, scales, masks = image_prompt
+        layer_masks = {}  # (adapter, queries) -> [B, queries, 1]: scaled once per grid, not per layer
+
+        def mask_for(n: int, queries: int):
+            if (n, queries) not in layer_masks:
+                scaled = mask_for_layer(masks["mask"][:, n], queries)
+                # an adapter given no mask is left as it is (a grid that does not fit would pad zeros)
+                layer_masks[n, queries] = jnp.where(masks["masked"][:, n, None, None] > 0, scaled, 1.0)
+            return layer_masks[n, queries]
 
         def interceptor(next_fun, call_args, call_kwargs, context):
             path = "/".join(context.module.path)
-            if context.method_name != "__call__" or path not in self._layers:
+            if context.method_name != "__call__" or path not in self._layers[0]:
                 return next_fun(*call_args, **call_kwargs)
-            out = next_fun(*call_args, **call_kwargs)
-            return out + _image_term(context.module, call_args[0], tokens, scale, self._layers[path])
+            x, out = call_args[0], next_fun(*call_args, **call_kwargs)
+            for n, layers in enumerate(self._layers):
+                term = _image_term(context.module, x, tokens[n], scales[:, n], layers[path])
+                if masks is not None:
+                    term = term * mask_for(n, x.shape[1]).astype(term.dtype)
+                out = out + term
+            return out
 
         with nn.intercept_methods(interceptor):
             return self._module.apply(variables, *args, **kwargs)
@@ -282,14 +446,13 @@ def _image_term(attention, x, tokens, scale, layer):
 
 
 def with_image_prompt(modules: dict, params) -> dict:
-    """`modules` with the U-Net wrapped to take image prompts when an IP-Adapter is attached."""
+    """`modules` with the U-Net wrapped to take image prompts when IP-Adapters are attached."""
     if "ip_adapter" not in params:
         return modules
-    return {**modules, "unet": WithImagePrompt(modules["unet"], params["ip_adapter"]["layers"])}
+    return {**modules, "unet": WithImagePrompt(modules["unet"], params["ip_adapter"])}
 
 
 def unet_kwargs(cond: dict) -> dict:
     """The U-Net's image_prompt keyword for one call, from the conditioning ({} without one)."""
     prompt = cond.get("image_prompt")
-    return {} if prompt is None else {"image_prompt": (prompt["tokens"], prompt["scale"])}
-
+    return {} if prompt is None else {"image_prompt": (prompt["tokens"], prompt["scale"], prompt.get("masks"))}

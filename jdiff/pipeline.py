@@ -135,7 +135,8 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
     guidance weight (the same number, except for true CFG on a guidance-embedding model).
     controls: None, or the ControlNets' inputs for each half and their guidance windows (control.py).
     depth: None, or a depth-to-image U-Net's depth channel [B, h, w, 1] (depth.py).
-    image_prompt: None, or an IP-Adapter's image encoder input and scale per image (ip_adapter.py)."""
+    image_prompt: None, or the IP-Adapters' image encoder input [B, adapters, S, S, 3], scales
+      [B, adapters] and optional masks, per image (ip_adapter.py)."""
     family, modules = static.family, dict(static.modules)
     vae = modules["vae"]
     modules = lora.with_adapters(modules, adapters, lora_scales)  # unchanged without adapters
@@ -171,11 +172,12 @@ def _generate(params, adapters, lora_scales, tokens, negative_tokens, seeds, noi
         extra = depth
 
     negative = family.encode_prompts(modules, params, negative_tokens, static.clip_skip) if static.use_cfg else None
-    if image_prompt is not None:  # the image's tokens, and the unconditional half's (from zero embeddings)
+    if image_prompt is not None:  # the images' tokens, and the unconditional half's (from zero embeddings)
         pictured, unpictured = ip_adapter.image_tokens(modules, params, image_prompt["pixels"], modules["unet"].dtype)
-        cond = {**cond, "image_prompt": {"tokens": pictured, "scale": image_prompt["scale"]}}
+        shared = {k: v for k, v in image_prompt.items() if k != "pixels"}  # scales and masks, for both halves
+        cond = {**cond, "image_prompt": {"tokens": pictured, **shared}}
         if negative is not None:
-            negative = {**negative, "image_prompt": {"tokens": unpictured, "scale": image_prompt["scale"]}}
+            negative = {**negative, "image_prompt": {"tokens": unpictured, **shared}}
     if controls is not None:  # the control images and scales travel with each half's conditioning
         cond = {**cond, "control": controls["cond"]}
         negative = None if negative is None else {**negative, "control": controls["negative"]}
@@ -271,6 +273,7 @@ def generate(
     depth_map=None,
     ip_adapter_image=None,
     ip_adapter_scale: Union[float, Sequence[float]] = 1.0,
+    ip_adapter_mask=None,
 ) -> np.ndarray:
     """Images [B, H, W, 3] in [0, 1] for `prompts` (or latents, with output_type="latent").
 
@@ -324,8 +327,12 @@ def generate(
       to [-1, 1] as diffusers' StableDiffusionDepth2ImgPipeline does. jdiff has no depth estimator.
     ip_adapter_image: with an IP-Adapter attached (jdiff.load_ip_adapter), the image prompt: one
       picture for all prompts or one per prompt (PIL, uint8 or [0, 1] floats, any size);
-      ip_adapter_scale: its weight, one for all or one per prompt (diffusers' set_ip_adapter_scale).
-      Traced: changing it never recompiles.
+      ip_adapter_scale: its weight, one for all or one per prompt (diffusers' set_ip_adapter_scale);
+      ip_adapter_mask: where it acts, a [h, w] mask (or PIL image; resized to the output and
+      binarised as diffusers' IPAdapterMaskProcessor does), one for all or a list with one per
+      prompt; None: everywhere. With several IP-Adapters attached, each of the three is a list with
+      one entry per adapter (each as above; a mask entry may be None). Pictures, scales and masks
+      are traced: changing them never recompiles (giving masks at all compiles once more).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -425,11 +432,12 @@ def generate(
         if ip_adapter_image is None:
             raise ConfigError("this pipeline has an IP-Adapter attached: pass ip_adapter_image (diffusers fails "
                               "without one too).")
-        scales = np.broadcast_to(np.asarray(ip_adapter_scale, np.float32), (batch,)) \
-            if np.ndim(ip_adapter_scale) == 0 or np.size(ip_adapter_scale) == batch else None
-        if scales is None:
-            raise ConfigError(f"ip_adapter_scale must be one number or one per prompt ({batch}).")
-        image_prompt = {"pixels": ip_adapter.image_pixels(pipe, ip_adapter_image, batch), "scale": scales.copy()}
+        image_prompt = {"pixels": ip_adapter.image_pixels(pipe, ip_adapter_image, batch),
+                        "scale": ip_adapter.image_scales(pipe, ip_adapter_scale, batch)}
+        if ip_adapter_mask is not None:  # a program of its own: without masks, no mask arithmetic at all
+            image_prompt["masks"] = ip_adapter.image_masks(pipe, ip_adapter_mask, batch, height, width)
+    elif ip_adapter_mask is not None:
+        raise ConfigError("ip_adapter_mask needs an IP-Adapter: attach one with jdiff.load_ip_adapter(pipe, ...).")
     controls = control.control_inputs(pipe, control_image, batch, height, width,
                                       conditioning_scale=controlnet_conditioning_scale,
                                       guidance_start=control_guidance_start, guidance_end=control_guidance_end,

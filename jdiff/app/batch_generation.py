@@ -77,7 +77,8 @@ def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, re
     latents = generate(pipe, prompts, **kw, **settings, denoising_end=refiner.high_noise_frac, output_type="latent")
     # The base's LoRA adapters and ControlNets are the base's own: the refiner runs as it is.
     own = ("height", "width", "lora_scales", "control_image", "controlnet_conditioning_scale",
-           "control_guidance_start", "control_guidance_end", "guess_mode", "ip_adapter_image", "ip_adapter_scale")
+           "control_guidance_start", "control_guidance_end", "guess_mode", "ip_adapter_image", "ip_adapter_scale",
+           "ip_adapter_mask")
     finish = {k: v for k, v in settings.items() if k not in own}
     return generate(refiner.pipe, prompts, **kw, **{**finish, **refiner.settings}, init_latents=latents,
                     denoising_start=refiner.high_noise_frac)

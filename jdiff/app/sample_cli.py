@@ -66,12 +66,17 @@ def parse_args(argv=None):
                    help="with --controlnet: the fraction of the steps after which they stop")
     p.add_argument("--guess-mode", action="store_true",
                    help="with --controlnet: steer the conditional half only (for prompts that say little)")
-    p.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter .safetensors (SD 1.x/2.x, SDXL): "
-                   "prompt with --ip-adapter-image too")
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="an IP-Adapter .safetensors (SD 1.x/2.x, SDXL): prompt with --ip-adapter-image too; "
+                        "repeat for several (they share --image-encoder), each with its own image")
     p.add_argument("--image-encoder", metavar="FOLDER", help="with --ip-adapter: its CLIP image encoder folder "
                    "(CLIPVisionModelWithProjection)")
-    p.add_argument("--ip-adapter-image", metavar="PATH", help="with --ip-adapter: the image prompt")
-    p.add_argument("--ip-adapter-scale", type=float, default=1.0, help="with --ip-adapter: its weight")
+    p.add_argument("--ip-adapter-image", action="append", default=[], metavar="PATH",
+                   help="with --ip-adapter: the image prompt; one per --ip-adapter")
+    p.add_argument("--ip-adapter-scale", action="append", type=float, default=[], metavar="SCALE",
+                   help="with --ip-adapter: its weight (default 1.0); one for all, or one per --ip-adapter")
+    p.add_argument("--ip-adapter-mask", action="append", default=[], metavar="PATH",
+                   help="with --ip-adapter: where it acts (white), a mask image; one per --ip-adapter")
     p.add_argument("--vae-tiling", nargs="?", const=-1, type=int, metavar="TILE",
                    help="decode (and encode --init-image) in overlapping tiles, as diffusers' enable_vae_tiling: "
                         "for images larger than the VAE's own size; TILE pixels (default: the VAE's sample_size)")
@@ -155,12 +160,24 @@ def main(argv=None) -> int:
                             controlnet_conditioning_scale=scales * len(args.controlnet) if len(scales) == 1 else scales,
                             control_guidance_start=args.control_guidance_start,
                             control_guidance_end=args.control_guidance_end, guess_mode=args.guess_mode)
-        if args.ip_adapter or args.ip_adapter_image:
-            if not (args.ip_adapter and args.image_encoder and args.ip_adapter_image):
-                raise ConfigError("an image prompt needs --ip-adapter, --image-encoder and --ip-adapter-image.")
+        recorded_scales = None
+        if args.ip_adapter or args.ip_adapter_image or args.ip_adapter_mask or args.ip_adapter_scale:
+            count = len(args.ip_adapter)
+            if not (count and args.image_encoder and len(args.ip_adapter_image) == count):
+                raise ConfigError("an image prompt needs --ip-adapter, --image-encoder and one --ip-adapter-image per "
+                                  f"--ip-adapter (got {count} and {len(args.ip_adapter_image)}).")
+            if len(args.ip_adapter_scale) not in (0, 1, count) or len(args.ip_adapter_mask) not in (0, count):
+                raise ConfigError("--ip-adapter-scale: one for all or one per --ip-adapter; --ip-adapter-mask: one per "
+                                  "--ip-adapter.")
             pipe = jdiff.load_ip_adapter(pipe, args.ip_adapter, image_encoder=args.image_encoder)
-            settings.update(ip_adapter_image=image_io.load_image(args.ip_adapter_image),
-                            ip_adapter_scale=args.ip_adapter_scale)
+            scales = args.ip_adapter_scale or [1.0]
+            given = dict(ip_adapter_image=[image_io.load_image(path) for path in args.ip_adapter_image],
+                         ip_adapter_scale=scales * count if len(scales) == 1 else scales)
+            if args.ip_adapter_mask:  # as opened: resized in its own mode, as diffusers' mask processor does
+                given["ip_adapter_mask"] = [image_io.open_image(path) for path in args.ip_adapter_mask]
+            # generate() takes one adapter's values as they are, several adapters' as lists
+            settings.update({k: v[0] for k, v in given.items()} if count == 1 else given)
+            recorded_scales = given["ip_adapter_scale"] if count > 1 else None  # a list: not in the settings record
         if args.init_image:
             settings.update(init_image=image_io.load_image(args.init_image), strength=args.strength)
         if args.mask:
@@ -174,6 +191,8 @@ def main(argv=None) -> int:
                                     ("controlnet_scale", args.controlnet and args.controlnet_scale),
                                     ("ip_adapter", args.ip_adapter), ("image_encoder", args.image_encoder),
                                     ("ip_adapter_image", args.ip_adapter_image),
+                                    ("ip_adapter_mask", args.ip_adapter_mask),
+                                    ("ip_adapter_scale", recorded_scales),
                                     ("high_noise_frac", args.refiner and args.high_noise_frac),
                                     ("lora", args.lora), ("revision", args.revision), ("variant", args.variant),
                                     ("model_config", args.model_config), ("buckets", args.buckets)) if v}
