@@ -314,7 +314,7 @@ def _binary_mask(mask, height: int, width: int) -> np.ndarray:
         array = array.astype(np.float32) / 255
     array = np.clip(array.astype(np.float32), 0, 1)
     if array.shape != (height, width):
-        array = np.asarray(Image.fromarray(array, mode="F").resize((width, height), Image.Resampling.NEAREST))
+        array = np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.NEAREST))  # mode "F"
     return (array >= 0.5).astype(np.float32)
 
 

@@ -406,3 +406,17 @@ def test_sample_py_with_two_image_prompts_and_a_mask(two_adapters, tiny_sd_folde
     assert sample.main(["--model", str(tiny_sd_folder), "--prompt", "a", "--out", str(tmp_path / "bad"),
                         "--image-encoder", str(encoder), "--ip-adapter", str(files[0]), "--ip-adapter", str(files[1]),
                         "--ip-adapter-image", str(tmp_path / "style.png")]) == 2
+
+
+def test_masks_are_prepared_as_diffusers_prepares_them():
+    """Binarised at 0.5; an array of another size scaled by nearest neighbours, a PIL image by Lanczos
+    in its own mode; uint8 masks in 0..255 (a 0/1 uint8 mask is refused, not read as all black)."""
+    half = np.zeros((4, 6), np.float32)
+    half[:, :3] = 0.7
+    np.testing.assert_array_equal(ip_adapter._binary_mask(half, 8, 12), np.repeat(np.repeat(half > 0.5, 2, 0), 2, 1))
+    np.testing.assert_array_equal(ip_adapter._binary_mask((half * 255).astype(np.uint8), 4, 6), half > 0.5)
+    picture_mask = Image.fromarray((half > 0.5).astype(np.uint8) * 255).convert("1")
+    assert ip_adapter._binary_mask(picture_mask, 8, 12)[:, :5].all() and not ip_adapter._binary_mask(
+        picture_mask, 8, 12)[:, 7:].any()
+    with pytest.raises(ConfigError, match="holds only 0 and 1"):
+        ip_adapter._binary_mask((half > 0.5).astype(np.uint8), 4, 6)
