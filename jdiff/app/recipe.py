@@ -258,8 +258,8 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
     from jdiff.models import controlnet
 
     folder_data = config.data.dataset == "folder"
-    if folder_data:
-        pipe, folder = _folder_controlnet_base(config, workdir, pipe), train_source
+    if folder_data:  # train_source: the ImageFolder, opened with its control images (data_sources)
+        pipe = _folder_controlnet_base(config, workdir, pipe)
     else:
         pipe = stages.trained_pipeline(config, workdir, pipe, "controlnet", test_source)
     section, resolution = config.controlnet, config.data.resolution
@@ -273,11 +273,11 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
             conditioning_embedding_out_channels=control_widths(section, vae.config.downscale))
     base = pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
     cache = config.data.cache_latents
-    pictures = folder if folder_data else train_source
-    source = encode_source(stages.latent_encoder(vae, vae_params), pictures,
-                           show_progress=distributed.is_main()) if cache else pictures
+    source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
+                           show_progress=distributed.is_main()) if cache else train_source
     # control images are read as batches are drawn, not kept in memory with the latents
-    source = WithControl(source, folder) if folder_data else OutlineControl(source, "train", resolution, config.seed)
+    source = WithControl(source, train_source) if folder_data else OutlineControl(source, "train", resolution,
+                                                                                 config.seed)
     stage = stages.diffusion_stage(base, stages.make_objective(config, base.scheduler),
                                    latent_size=resolution // vae.config.downscale,
                                    caption_dropout=config.data.caption_dropout, train_text_encoder=False,
@@ -292,7 +292,7 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
     if distributed.is_main():
         convert.save_controlnet(module, trained, workdir / "controlnet" / "export")
     if folder_data:
-        return _controlnet_samples(config, controlled, folder, workdir / "controlnet" / "samples.png")
+        return _controlnet_samples(config, controlled, train_source, workdir / "controlnet" / "samples.png")
     from jdiff.app import shapes_control_eval
 
     s = config.sample
@@ -325,14 +325,13 @@ def _folder_controlnet_base(config, workdir: Path, pipe: Pipeline | None) -> Pip
     config.pretrained, else the diffusion stage's export."""
     if pipe is not None:
         return pipe
-    dtype = stages.compute_dtype(config)
     if config.pretrained:
-        return families.load_pipeline(config.pretrained, dtype=dtype)
-    exported = workdir / "pipeline"
-    if not (exported / "model_index.json").is_file():
+        return families.load_pipeline(config.pretrained, dtype=stages.compute_dtype(config))
+    exported = stages.exported_pipeline(config, workdir)
+    if exported is None:
         raise ConfigError(f"the controlnet stage needs a model to steer: set config.pretrained to a diffusers folder, "
-                          f"or run the 'diffusion' stage first ({exported} does not exist).")
-    return families.load_pipeline(exported, dtype=dtype)
+                          f"or run the 'diffusion' stage first ({workdir / 'pipeline'} does not exist).")
+    return exported
 
 
 def _controlnet_samples(config, pipe: Pipeline, source: ImageFolder, path: Path) -> dict:

@@ -32,10 +32,18 @@ def trained_pipeline(config, workdir, pipe: Pipeline | None, stage: str, test_so
         raise ConfigError(f"the {stage} stage is judged on the shapes set's held-out scenes: data.dataset='shapes'.")
     if pipe is not None:
         return pipe
+    exported = exported_pipeline(config, workdir)
+    if exported is None:
+        raise ConfigError(f"the {stage} stage works on a trained model: {workdir / 'pipeline'} does not exist. Run "
+                          f"the 'diffusion' stage first (config.stages).")
+    return exported
+
+
+def exported_pipeline(config, workdir) -> Pipeline | None:
+    """The diffusion stage's export, <workdir>/pipeline, in the run's compute dtype; None before it exists."""
     exported = workdir / "pipeline"
     if not (exported / "model_index.json").is_file():
-        raise ConfigError(f"the {stage} stage works on a trained model: {exported} does not exist. Run the "
-                          f"'diffusion' stage first (config.stages).")
+        return None
     return families.load_pipeline(exported, dtype=compute_dtype(config))
 
 

@@ -187,9 +187,8 @@ class ImageFolder:
             # Opened with verify=False, or the file changed on disk after it was checked.
             raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
         pixels, crop_top_left = resize_and_center_crop(image, self.resolution)
-        example = {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
-                   "crop_top_left": np.asarray(crop_top_left, np.int32)}
-        return example
+        return {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
+                "crop_top_left": np.asarray(crop_top_left, np.int32)}
 
     def control_image(self, index: int) -> np.ndarray:
         """Picture `index`'s control image, scaled to the size the picture decodes at and cropped as
