@@ -37,6 +37,23 @@ def _as_list(value, n: int, name: str) -> list:
     return value
 
 
+def _encoder_prompts(family, first: list, more: dict, name: str) -> dict:
+    """{"prompts_N": one prompt per image} for the N-th text encoder's prompts that were given
+    (more = {N: value}): diffusers' `prompt_2 or prompt`, so an empty argument, like a None entry,
+    falls back to `first`'s."""
+    given = {}
+    for n, value in more.items():
+        if not value:
+            continue
+        if n > family.prompt_count:
+            takes = {2: "SDXL, SD3 and Flux", 3: "SD3"}[n]
+            raise ConfigError(f"{name}_{n} is the prompt of a text encoder {n} ({takes} models); "
+                              f"{family.name} models take {family.prompt_count} prompt(s).")
+        entries = _as_list(value, len(first), f"{name}_{n}")
+        given[f"prompts_{n}"] = [fallback if entry is None else entry for entry, fallback in zip(entries, first)]
+    return given
+
+
 def _images(value, name: str, batch: int, channels: int) -> np.ndarray:
     """[B, H, W, C] float32 from an array (or PIL image) with values in [0, 1]."""
     if hasattr(value, "convert"):  # a PIL image
@@ -235,6 +252,10 @@ def generate(
     prompts: Union[str, Sequence[str]],
     *,
     negative_prompts: Union[None, str, Sequence[str]] = None,
+    prompts_2: Union[None, str, Sequence[str]] = None,
+    negative_prompts_2: Union[None, str, Sequence[str]] = None,
+    prompts_3: Union[None, str, Sequence[str]] = None,
+    negative_prompts_3: Union[None, str, Sequence[str]] = None,
     sampler: Optional[str] = None,
     steps: Optional[int] = None,
     guidance: Optional[float] = None,
@@ -279,6 +300,11 @@ def generate(
 
     negative_prompts: one for all prompts or one per prompt; None (or a None entry) means none was
       given: the empty prompt, or zeros where an SDXL checkpoint asks for them.
+    prompts_2, negative_prompts_2, prompts_3, negative_prompts_3: the prompts of the second and
+      third text encoders, as diffusers' prompt_2 and prompt_3 (SDXL: OpenCLIP bigG; SD3: CLIP-G
+      and T5; Flux: T5); by default, or where an entry is None, the same as `prompts` and
+      `negative_prompts`. Whether zeros stand for a missing negative (SDXL) depends on
+      `negative_prompts` alone, as in diffusers.
     guidance: classifier-free guidance scale (<= 1: none); by default diffusers' default for the
       family (7.5 for SD 1.x/2.x, 5.0 for SDXL).
 
@@ -469,7 +495,10 @@ def generate(
     negatives = ["" if n is None else n for n in negatives]
     sequence = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     tokenize = functools.partial(family.tokenize, pipe, **sequence)
-    batch_inputs = ({**tokenize(prompts), **extra}, {**tokenize(negatives), **negative_extra},
+    texts = _encoder_prompts(family, prompts, {2: prompts_2, 3: prompts_3}, "prompts")
+    negative_texts = _encoder_prompts(family, negatives, {2: negative_prompts_2, 3: negative_prompts_3},
+                                      "negative_prompts")
+    batch_inputs = ({**tokenize(prompts, **texts), **extra}, {**tokenize(negatives, **negative_texts), **negative_extra},
                     _seeds(seed, batch), latents, image, mask_array, lora.scales_for(pipe, lora_scales, batch), depth,
                     image_prompt)
     sharded = sharding.batch_sharding(mesh)

@@ -123,6 +123,15 @@ def test_true_cfg_with_negative_prompts_matches_diffusers(dev, one_device):
     plain = jdiff.generate(pipe, PROMPTS, steps=3, guidance=3.5, height=32, width=32, latents=nchw_to_nhwc(latents),
                            mesh=one_device)
     assert np.abs(plain - ours).max() > 4 * TOL  # the negative prompts change the images
+    # prompts_2 and negative_prompts_2 reach T5, as diffusers' prompt_2 and negative_prompt_2
+    expected = reference(PROMPTS, prompt_2=["a blue square", "red"], negative_prompt=["red", "blue"],
+                         negative_prompt_2="circle", true_cfg_scale=4.0, latents=packed(latents), height=32, width=32,
+                         num_inference_steps=3, guidance_scale=3.5, output_type="np").images
+    second = jdiff.generate(pipe, PROMPTS, prompts_2=["a blue square", "red"], negative_prompts=["red", "blue"],
+                            negative_prompts_2="circle", true_cfg_scale=4.0, steps=3, guidance=3.5, height=32,
+                            width=32, latents=nchw_to_nhwc(latents), mesh=one_device)
+    np.testing.assert_allclose(second, expected, rtol=0, atol=TOL)
+    assert np.abs(second - ours).max() > 1e-3
     with pytest.raises(jdiff.ConfigError, match="needs negative_prompts"):
         jdiff.generate(pipe, PROMPTS, true_cfg_scale=4.0, steps=1, height=32, width=32)
 

@@ -9,7 +9,7 @@ from PIL import Image
 import jdiff
 import sample
 from jdiff import image_io, paths
-from jdiff.app import prompts
+from jdiff.app import batch_generation, prompts
 from jdiff.errors import ConfigError
 
 
@@ -84,6 +84,17 @@ def test_prompts_file_errors(tmp_path):
         prompts.read_prompts_file(tmp_path / "size.txt")
     with pytest.raises(ConfigError, match="not WIDTHxHEIGHT"):
         prompts.parse_buckets("512x512,640by384")
+    (tmp_path / "second.txt").write_text('{"prompt": "a", "prompt_2": 3}\n')
+    with pytest.raises(ConfigError, match=r"second.txt:1: 'prompt_2' must be a string"):
+        prompts.read_prompts_file(tmp_path / "second.txt")
+
+
+def test_other_encoders_prompts_come_from_the_line_else_the_command():
+    entries = [{"prompt": "a", "prompt_2": "b"}, {"prompt": "c", "negative_prompt_3": None}]
+    jobs = prompts.make_jobs(entries, 1, 0, None, {"prompt_2": "x", "negative_prompt_3": "y", "prompt_3": None})
+    assert [dict(j.encoder_prompts) for j in jobs] == [{"prompt_2": "b", "negative_prompt_3": "y"}, {"prompt_2": "x"}]
+    assert batch_generation.encoder_prompts(jobs) == {"prompts_2": ["b", "x"], "negative_prompts_3": ["y", None]}
+    assert prompts.make_jobs([{"prompt": "a"}], 1, 0, None)[0].encoder_prompts == ()
 
 
 def test_a_request_goes_to_the_bucket_of_the_nearest_aspect_ratio():

@@ -66,6 +66,23 @@ def test_negative_prompts_and_long_t5_prompts_match_diffusers(sd3, one_device):
         jdiff.generate(pipe, prompts, max_sequence_length=600)
 
 
+def test_second_and_third_encoder_prompts_match_diffusers(sd3, one_device):
+    """prompts_2 reach CLIP-G and prompts_3 T5, as diffusers' prompt_2 / prompt_3 (and negatives)."""
+    _, reference, pipe = sd3
+    latents = noise(5)
+    # (diffusers' SD3 takes a single prompt_2 for one image only: it is given one per image)
+    expected = reference(PROMPTS, prompt_2=["green square"] * 2, prompt_3=["blue", "a large square"],
+                         negative_prompt=["red", ""], negative_prompt_2=["", "circle"], negative_prompt_3="small",
+                         latents=latents, num_inference_steps=3, guidance_scale=4.0, output_type="np").images
+    ours = jdiff.generate(pipe, PROMPTS, prompts_2="green square", prompts_3=["blue", "a large square"],
+                          negative_prompts=["red", ""], negative_prompts_2=["", "circle"], negative_prompts_3="small",
+                          steps=3, guidance=4.0, latents=nchw_to_nhwc(latents), mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    plain = jdiff.generate(pipe, PROMPTS, negative_prompts=["red", ""], steps=3, guidance=4.0,
+                           latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert np.abs(plain - ours).max() > 1e-3
+
+
 def test_without_t5_matches_diffusers(tmp_path, one_device):
     reference = make_tiny_sd3_pipeline(tmp_path, with_t5=False)
     pipe = jdiff.load_pipeline(tmp_path)

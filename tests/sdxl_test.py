@@ -84,6 +84,28 @@ def test_micro_conditioning_and_negative_prompts_match_diffusers(base, one_devic
     assert np.abs(plain - ours).max() > 2 * TOL
 
 
+def test_second_encoder_prompts_match_diffusers(base, refiner, one_device):
+    """prompts_2 / negative_prompts_2 reach OpenCLIP bigG as diffusers' prompt_2 / negative_prompt_2
+    do; a None entry falls back to the first prompt. The refiner's one encoder reads `prompts`."""
+    folder, reference, pipe = base
+    latents = noise(2)
+    kw = dict(negative_prompt=["red", ""], negative_prompt_2=["blue square", "circle"])
+    expected = scheduled(reference, None)(PROMPTS, prompt_2=["green square", "circle"], latents=latents,
+                                          num_inference_steps=3, guidance_scale=4.0, output_type="np", **kw).images
+    ours = jdiff.generate(pipe, PROMPTS, prompts_2=["green square", None], negative_prompts=["red", ""],
+                          negative_prompts_2=["blue square", "circle"], steps=3, guidance=4.0,
+                          latents=nchw_to_nhwc(latents), mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    same = jdiff.generate(pipe, PROMPTS, negative_prompts=["red", ""], steps=3, guidance=4.0,
+                          latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert np.abs(same - ours).max() > 1e-3  # the second encoder's prompt reaches the model (a tiny one: weakly)
+    _, _, refiner_pipe = refiner
+    init = nchw_to_nhwc(noise(3))
+    refined = [jdiff.generate(refiner_pipe, PROMPTS, init_latents=init, steps=3, mesh=one_device, **extra)
+               for extra in ({}, {"prompts_2": "green square"})]
+    np.testing.assert_array_equal(refined[0], refined[1])
+
+
 def test_negative_micro_conditioning_matches_diffusers(base, one_device):
     """Compared one image at a time: diffusers 0.42 repeats the [negative, positive] pair of time
     ids over the batch, which puts the negative ids beside the second prompt's conditional half when
@@ -197,6 +219,12 @@ def test_bad_sdxl_inputs_get_clear_errors(base, refiner, tmp_path, one_device):
     sd = jdiff.load_pipeline(tmp_path / "sd")
     with pytest.raises(ConfigError, match="original_size.*do not take"):
         jdiff.generate(sd, PROMPTS, original_size=(64, 64), steps=2, mesh=one_device)
+    with pytest.raises(ConfigError, match="prompts_2 is the prompt of a text encoder 2.*take 1 prompt"):
+        jdiff.generate(sd, PROMPTS, prompts_2="red", steps=2, mesh=one_device)
+    with pytest.raises(ConfigError, match="negative_prompts_3 is the prompt of a text encoder 3 .SD3"):
+        jdiff.generate(pipe, PROMPTS, negative_prompts_3="red", steps=2, mesh=one_device)
+    with pytest.raises(ConfigError, match="prompts_2 has 3 entries for 2 prompts"):
+        jdiff.generate(pipe, PROMPTS, prompts_2=["a", "b", "c"], steps=2, mesh=one_device)
     # a refiner folder that lost its requires_aesthetics_score: the widths disagree, and the error says why
     import json
     import shutil
@@ -215,17 +243,22 @@ def test_sample_py_hands_each_batch_from_base_to_refiner(base, refiner, tmp_path
     from jdiff import image_io, pipeline
 
     out = tmp_path / "out"
-    (tmp_path / "prompts.txt").write_text("a red circle\ncircle\nred\n")
+    (tmp_path / "prompts.txt").write_text('a red circle\ncircle\n{"prompt": "red", "prompt_2": "blue square"}\n')
     before = pipeline._generate._cache_size()
     assert sample.main(["--model", str(base[0]), "--refiner", str(refiner[0]), "--high-noise-frac", "0.7",
                         "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "4", "--seed", "3",
+                        "--negative-prompt", "square", "--negative-prompt-2", "green",
                         "--batch-size", "2", "--out", str(out)]) == 0
     assert pipeline._generate._cache_size() - before <= 2  # one program per model, reused by the padded batch
     meta = image_io.read_png_parameters(out / "00002.png")
     assert meta["refiner"] == str(refiner[0]) and meta["high_noise_frac"] == 0.7 and meta["guidance"] == 5.0
-    # the third image, by hand: the base's part, then the refiner's, from the same seed
-    latents = jdiff.generate(base[2], ["red"], steps=4, seed=5, denoising_end=0.7, output_type="latent")
-    by_hand = jdiff.generate(refiner[2], ["red"], steps=4, seed=5, init_latents=latents, denoising_start=0.7)
+    assert meta["prompt_2"] == "blue square" and meta["negative_prompt_2"] == "green"
+    # the third image, by hand: the base's part, then the refiner's, from the same seed (the
+    # refiner's one encoder reads the first prompts, as in diffusers)
+    texts = dict(negative_prompts="square", prompts_2="blue square", negative_prompts_2="green")
+    latents = jdiff.generate(base[2], ["red"], steps=4, seed=5, denoising_end=0.7, output_type="latent", **texts)
+    by_hand = jdiff.generate(refiner[2], ["red"], steps=4, seed=5, init_latents=latents, denoising_start=0.7,
+                             negative_prompts="square")
     np.testing.assert_allclose(image_io.load_image(out / "00002.png"), by_hand[0], atol=1 / 255)
 
 

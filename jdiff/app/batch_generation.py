@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from jdiff import distributed, executable_cache, image_io
 from jdiff.app import sample_outputs
-from jdiff.app.prompts import Job, bucket_for
+from jdiff.app.prompts import ENCODER_PROMPT_KEYS, Job, bucket_for
 from jdiff.batching import padded_batches
 from jdiff.errors import ConfigError
 from jdiff.paths import Path
@@ -69,9 +69,19 @@ class Refiner:
     settings: dict = dataclasses.field(default_factory=dict)
 
 
-def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, refiner: Refiner = None):
-    """Images for one batch: from `pipe` alone, or handed from `pipe` to `refiner` part-way."""
-    kw = dict(negative_prompts=negatives, seed=seeds)
+def encoder_prompts(jobs: list[Job]) -> dict:
+    """generate()'s prompts_2 / negative_prompts_2 / prompts_3 / negative_prompts_3 of a batch, for
+    the ones any job sets (None entries: that job's prompt or negative prompt)."""
+    given = [dict(job.encoder_prompts) for job in jobs]
+    return {key.replace("prompt", "prompts"): [g.get(key) for g in given]
+            for key in ENCODER_PROMPT_KEYS if any(key in g for g in given)}
+
+
+def generate_batch(pipe: Pipeline, prompts, negatives, seeds, settings: dict, refiner: Refiner = None,
+                   texts: dict | None = None):
+    """Images for one batch: from `pipe` alone, or handed from `pipe` to `refiner` part-way. `texts`:
+    the other text encoders' prompts (encoder_prompts)."""
+    kw = dict(negative_prompts=negatives, seed=seeds, **(texts or {}))
     if refiner is None:
         return generate(pipe, prompts, **kw, **settings)
     latents = generate(pipe, prompts, **kw, **settings, denoising_end=refiner.high_noise_frac, output_type="latent")
@@ -165,12 +175,13 @@ def run(pipe: Pipeline, jobs: list[Job], out: Path, batch_size: int, settings: d
             padded = [jobs[i] for i in indices]
             result = generate_batch(pipe, [j.prompt for j in padded], [j.negative_prompt for j in padded],
                                     [j.seed for j in padded], {**settings, "height": height, "width": width},
-                                    refiner)[:real]
+                                    refiner, encoder_prompts(padded))[:real]
             entries = []
             for index, image in zip(indices[:real], result):
                 job = jobs[index]
-                parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-                              "model": pipe.source, **metadata, **printable}
+                parameters = {"prompt": job.prompt, "negative_prompt": job.negative_prompt,
+                              **dict(job.encoder_prompts), "seed": job.seed, "model": pipe.source, **metadata,
+                              **printable}
                 wanted = _wanted(pipe, job, settings)
                 if job.height or job.width:
                     parameters.update(height=wanted[0], width=wanted[1])

@@ -20,14 +20,19 @@ class Job:
     seed: int
     height: Optional[int] = None  # None: the run's size
     width: Optional[int] = None
+    # The second and third text encoders' prompts (SDXL, SD3, Flux; diffusers' prompt_2, prompt_3):
+    # {"prompt_2": ..., "negative_prompt_3": ...}, the ones given. Missing: the prompt (negative prompt).
+    encoder_prompts: tuple[tuple[str, str], ...] = ()
 
 
-_KEYS = ("prompt", "negative_prompt", "seed", "height", "width")
+ENCODER_PROMPT_KEYS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+_KEYS = ("prompt", "negative_prompt", "seed", "height", "width") + ENCODER_PROMPT_KEYS
 
 
 def read_prompts_file(path) -> list[dict]:
     """Lines of `path`: plain prompts, or JSON objects {"prompt", "negative_prompt", "seed", "height",
-    "width"}. Blank lines and lines starting with '#' are skipped."""
+    "width", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"}. Blank lines and
+    lines starting with '#' are skipped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompts file {str(path)!r} does not exist.")
@@ -50,6 +55,9 @@ def read_prompts_file(path) -> list[dict]:
                                      or key != "seed" and entry[key] < 1):
                     raise ConfigError(f"{path}:{number}: {key!r} must be a{' positive' if key != 'seed' else 'n'} "
                                       f"integer, got {entry[key]!r}.")
+            for key in ("prompt", "negative_prompt") + ENCODER_PROMPT_KEYS:
+                if key in entry and not isinstance(entry[key], str) and (key == "prompt" or entry[key] is not None):
+                    raise ConfigError(f"{path}:{number}: {key!r} must be a string, got {entry[key]!r}.")
         else:
             entry = {"prompt": line}
         entries.append(entry)
@@ -58,16 +66,20 @@ def read_prompts_file(path) -> list[dict]:
     return entries
 
 
-def make_jobs(entries: list[dict], num_images: int, seed: int, negative_prompt: Optional[str]) -> list[Job]:
+def make_jobs(entries: list[dict], num_images: int, seed: int, negative_prompt: Optional[str],
+              encoder_prompts: Optional[dict] = None) -> list[Job]:
     """`num_images` jobs per entry. Without its own seed, entry i's image k gets seed
-    seed + i * num_images + k, so every image of a run has a different seed."""
+    seed + i * num_images + k, so every image of a run has a different seed. `negative_prompt` and
+    `encoder_prompts` ({"prompt_2": ..., ...}) apply to the entries that do not set their own."""
     if num_images < 1:
         raise ConfigError(f"num_images must be at least 1, got {num_images}.")
     jobs = []
     for i, entry in enumerate(entries):
         base = int(entry["seed"]) if "seed" in entry else seed + i * num_images
         negative = entry.get("negative_prompt", negative_prompt)
-        jobs += [Job(entry["prompt"], negative, base + k, entry.get("height"), entry.get("width"))
+        more = {**(encoder_prompts or {}), **{k: entry[k] for k in ENCODER_PROMPT_KEYS if k in entry}}
+        more = tuple((k, more[k]) for k in ENCODER_PROMPT_KEYS if more.get(k) is not None)
+        jobs += [Job(entry["prompt"], negative, base + k, entry.get("height"), entry.get("width"), more)
                  for k in range(num_images)]
     return jobs
 

@@ -28,9 +28,14 @@ def parse_args(argv=None):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts-file", help="text lines, or JSON lines {prompt, negative_prompt, seed, height, "
-                        "width}")
+                        "width, prompt_2, negative_prompt_2, prompt_3, negative_prompt_3}")
     p.add_argument("--negative-prompt", help="default: none (the empty prompt, or zeros where an SDXL "
                    "checkpoint asks for them)")
+    for n, encoders in ((2, "SDXL's OpenCLIP bigG, SD3's CLIP-G, Flux's T5"), (3, "SD3's T5")):
+        p.add_argument(f"--prompt-{n}", help=f"the prompt of text encoder {n} ({encoders}; diffusers' prompt_{n}); "
+                       "default: the prompt")
+        p.add_argument(f"--negative-prompt-{n}", help=f"the negative prompt of text encoder {n}; default: the "
+                       "negative prompt")
     p.add_argument("--sampler", choices=jdiff.SAMPLERS, help="default: the checkpoint's own scheduler")
     p.add_argument("--steps", type=int, help="default: what diffusers' pipeline of the checkpoint runs (50 for SD)")
     p.add_argument("--guidance", type=float, help="default: diffusers' for the family (7.5 SD, 5.0 SDXL)")
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}.")
         entries = prompts.read_prompts_file(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt}]
-        jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt)
+        encoder_prompts = {key: getattr(args, key) for key in prompts.ENCODER_PROMPT_KEYS}
+        jobs = prompts.make_jobs(entries, args.num_images, args.seed, args.negative_prompt, encoder_prompts)
         buckets = prompts.parse_buckets(args.buckets) if args.buckets is not None else None
         pipe = jdiff.load_pipeline(args.model, dtype=jnp.dtype(args.dtype), variant=args.variant,
                                    revision=args.revision, config=args.model_config)

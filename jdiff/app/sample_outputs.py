@@ -30,8 +30,9 @@ def image_name(index: int) -> str:
 def run_record(model: str, jobs, batch_size: int, settings: dict) -> dict:
     """What must match for a rerun to continue a folder: the model, every job, the batch size (it
     decides which images share a batch, and so their exact pixels) and the settings."""
+    # sizes and other encoders' prompts only where given: older folders still resume
     listing = [[j.prompt, j.negative_prompt, j.seed] + ([j.height, j.width] if j.height or j.width else [])
-               for j in jobs]  # sizes only where given: a folder written before per-job sizes still resumes
+               + ([dict(j.encoder_prompts)] if j.encoder_prompts else []) for j in jobs]
     listing = json.dumps(listing, ensure_ascii=False)
     record = {"model": str(model), "images": len(jobs), "jobs_sha256": hashlib.sha256(listing.encode()).hexdigest(),
               "batch_size": batch_size, "settings": settings}

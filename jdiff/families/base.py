@@ -32,7 +32,9 @@ class Family:
       where given).
     tokenize(pipe, prompts, warn=True) -> dict of int32 [B, L] numpy arrays (the traced inputs of
       encode_prompts); warn: say which words a too-long prompt loses (generation, not training).
-      Families with `long_prompts` (a T5 encoder) also take `max_sequence_length`.
+      Families with `long_prompts` (a T5 encoder) also take `max_sequence_length`. A family with
+      `prompt_count` N > 1 also takes prompts_2 .. prompts_N: lists of one prompt per image for
+      its second and third text encoders (diffusers' prompt_2, prompt_3); None: `prompts`.
     encode_prompts(modules, params, tokens, clip_skip) -> conditioning pytree, batch-major.
     denoiser(modules, params, guidance) -> model_fn(x, t, conditioning, extra_channels=None): one
       call of the denoiser in the scheduler's prediction type; `guidance` reaches it only where
@@ -86,6 +88,7 @@ class Family:
     levels_options: Callable = None
     default_latent_size: int = 64  # diffusers' pipelines' fallback
     long_prompts: bool = False  # a T5 encoder whose token count generate(max_sequence_length=) sets
+    prompt_count: int = 1  # the prompts its pipelines take, one per text encoder (prompt, prompt_2, ...)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

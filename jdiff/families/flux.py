@@ -86,12 +86,16 @@ def init_params(modules, names, rng, latent_shape):
 # --- conditioning and the denoiser (traced) --------------------------------------------------------
 
 
-def tokenize(pipe: Pipeline, prompts, warn: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> dict:
-    """{"ids": CLIP's 77 tokens, "ids_2": T5's max_sequence_length tokens} per prompt."""
+def tokenize(pipe: Pipeline, prompts, warn: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+             prompts_2=None) -> dict:
+    """{"ids": CLIP's 77 tokens of `prompts`, "ids_2": T5's max_sequence_length tokens of
+    `prompts_2` (default `prompts`, as diffusers' prompt_2)}."""
     tokens = {}
-    for tokenizer_name, key, length in (("tokenizer", "ids", None), ("tokenizer_2", "ids_2", max_sequence_length)):
+    texts = (prompts, prompts if prompts_2 is None else prompts_2)
+    encoders = (("tokenizer", "ids", None), ("tokenizer_2", "ids_2", max_sequence_length))
+    for (tokenizer_name, key, length), text in zip(encoders, texts):
         single = pipe.replace(tokenizers={"tokenizer": pipe.tokenizers[tokenizer_name]})
-        tokens[key] = stable_diffusion.tokenize(single, prompts, warn, length)["ids"]
+        tokens[key] = stable_diffusion.tokenize(single, text, warn, length)["ids"]
     return tokens
 
 
@@ -141,4 +145,4 @@ FAMILY = Family(
     # No unconditional half: dev embeds the scale, schnell was distilled to need none.
     embeds_guidance=lambda modules: True, inpainting_channels=lambda modules: False, init_params=init_params,
     default_guidance=3.5, trainable_text_encoders=(), lora_text_encoders=("text_encoder",), kohya_prefixes={}, levels_options=levels_options,
-    default_latent_size=128, long_prompts=True)
+    default_latent_size=128, long_prompts=True, prompt_count=2)

@@ -197,17 +197,21 @@ def init_params(modules, names, rng, latent_shape) -> dict:
 # --- conditioning and the denoiser (traced) --------------------------------------------------------
 
 
-def tokenize(pipe: Pipeline, prompts, warn: bool = True, max_sequence_length: int | None = None) -> dict:
+def tokenize(pipe: Pipeline, prompts, warn: bool = True, max_sequence_length: int | None = None,
+             prompts_2=None, prompts_3=None) -> dict:
     """{"ids", "ids_2"}: the CLIP tokenizers' length (77) per prompt; "ids_3": T5's max_sequence_length tokens, or
     without a T5 "t5_zeros", whose shape says how many zero vectors stand for them. The default
-    length is diffusers' 256, or the one a model trained here without T5 records."""
+    length is diffusers' 256, or the one a model trained here without T5 records. CLIP-L reads
+    `prompts`, CLIP-G `prompts_2` and T5 `prompts_3`, each `prompts` by default (diffusers')."""
     max_sequence_length = max_sequence_length or pipe.settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH)
+    texts = {"ids": prompts, "ids_2": prompts if prompts_2 is None else prompts_2,
+             "ids_3": prompts if prompts_3 is None else prompts_3}
     tokens = {}
     for tokenizer_name, _, key in CLIP_ENCODERS + (T5_ENCODER,):
         if tokenizer_name in pipe.tokenizers:
             single = pipe.replace(tokenizers={"tokenizer": pipe.tokenizers[tokenizer_name]})
             length = max_sequence_length if key == "ids_3" else None
-            tokens[key] = stable_diffusion.tokenize(single, prompts, warn, length)["ids"]
+            tokens[key] = stable_diffusion.tokenize(single, texts[key], warn, length)["ids"]
     if "ids_3" not in tokens:
         tokens["t5_zeros"] = np.zeros((len(prompts), max_sequence_length), np.int8)
     return tokens
@@ -264,4 +268,4 @@ FAMILY = Family(
     init_params=init_params, default_guidance=7.0, kohya_prefixes={},
     # the CLIPs, never T5 (diffusers' SD3 LoRA script trains these; its full script T5 too)
     trainable_text_encoders=("text_encoder", "text_encoder_2"), lora_text_encoders=("text_encoder", "text_encoder_2"),
-    levels_options=levels_options, long_prompts=True)
+    levels_options=levels_options, long_prompts=True, prompt_count=3)

@@ -119,14 +119,16 @@ def _check_time_ids(pipe: Pipeline, source: str) -> None:
 # --- conditioning and the denoiser (traced) --------------------------------------------------------
 
 
-def tokenize(pipe: Pipeline, prompts, warn: bool = True) -> dict:
-    """{"ids": ..., "ids_2": ...}: the prompts through each tokenizer present (CLIP's 77 tokens)."""
+def tokenize(pipe: Pipeline, prompts, warn: bool = True, prompts_2=None) -> dict:
+    """{"ids": ..., "ids_2": ...}: the prompts through each tokenizer present (CLIP's 77 tokens);
+    `prompts_2` (default `prompts`) for the second. As in diffusers, prompts go to the encoders
+    present in order: a refiner's one encoder reads `prompts`, and `prompts_2` goes unused."""
     tokens = {}
-    for tokenizer_name, encoder_name in ENCODERS:
-        if encoder_name in pipe.modules:
-            single = pipe.replace(tokenizers={"tokenizer": pipe.tokenizers[tokenizer_name]})
-            key = "ids" if encoder_name == "text_encoder" else "ids_2"
-            tokens[key] = stable_diffusion.tokenize(single, prompts, warn)["ids"]
+    present = [(t, e) for t, e in ENCODERS if e in pipe.modules]
+    for (tokenizer_name, encoder_name), texts in zip(present, (prompts, prompts if prompts_2 is None else prompts_2)):
+        single = pipe.replace(tokenizers={"tokenizer": pipe.tokenizers[tokenizer_name]})
+        key = "ids" if encoder_name == "text_encoder" else "ids_2"
+        tokens[key] = stable_diffusion.tokenize(single, texts, warn)["ids"]
     return tokens
 
 
@@ -256,4 +258,5 @@ FAMILY = Family(
     extra_conditioning=extra_conditioning, default_guidance=5.0,
     # Both encoders stay frozen in training (as in diffusers' SDXL script): training them is untested here.
     training_conditioning=training_conditioning, trainable_text_encoders=(),
-    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, kohya_sgm_unet=True)
+    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, kohya_sgm_unet=True,
+    prompt_count=2)
