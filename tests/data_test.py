@@ -398,6 +398,54 @@ def test_loader_reads_shapes_and_folders(tmp_path, folder):
     assert batch["image"].shape == (2, 8, 8, 3) and batch["caption"].dtype.kind == "U"
 
 
+def test_random_crops_and_flips_are_windows_of_the_resized_picture(folder):
+    """Through the loader every example is a square window of its resized (and possibly mirrored)
+    picture at the recorded corner; draws differ between epochs, repeat for a seed, and survive a
+    resume. FixedCrops draws once per picture; without randomness it is the centre crop."""
+    from jdiff.data.augment import CropAndFlip, FixedCrops, Uncropped
+
+    source = ImageFolder(folder, resolution=10)
+    pictures = {source[i]["caption"]: source.picture(i)["image"] for i in range(len(source))}
+    assert pictures["a wide picture"].shape == (10, 30, 3) and pictures["a tall green picture"].shape == (25, 10, 3)
+    augment = CropAndFlip(10, random_crop=True, random_flip=True)
+    loader = make_loader(Uncropped(source), batch_size=3, seed=4, augment=augment, shard_index=0, shard_count=1)
+    iterator = iter(loader)
+    batches = take(iterator, 40)
+    seen = {caption: set() for caption in pictures}
+    for batch in batches:
+        for image, caption, (top, left) in zip(batch["image"], batch["caption"], batch["crop_top_left"]):
+            picture = pictures[str(caption)]
+            pixels = np.round((image + 1) * 255 / 2).astype(np.uint8)
+            window = lambda p: p[top:top + 10, left:left + 10]  # noqa: E731
+            flipped = not np.array_equal(pixels, window(picture))
+            if flipped:
+                np.testing.assert_array_equal(pixels, window(picture[:, ::-1]))
+            seen[str(caption)].add((int(top), int(left), flipped))
+    wide = seen["a wide picture"]
+    assert {flip for *_, flip in wide} == {False, True} and len({left for _, left, _ in wide}) > 5
+    assert len({top for top, _, _ in seen["a tall green picture"]}) > 5
+    # the same seed draws the same; a resumed iterator draws what the uninterrupted one drew
+    again = take(iter(make_loader(Uncropped(source), batch_size=3, seed=4, augment=augment, shard_index=0,
+                                  shard_count=1)), 40)
+    assert all(np.array_equal(a["crop_top_left"], b["crop_top_left"]) for a, b in zip(batches, again))
+    state = iterator.get_state()
+    expected = take(iterator, 3)
+    resumed = iter(loader)
+    resumed.set_state(state)
+    for want, got in zip(expected, take(resumed, 3)):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    # latents encoded once: one draw per picture, the same at every read
+    fixed = FixedCrops(source, augment, seed=4)
+    for i in range(len(source)):
+        np.testing.assert_array_equal(fixed[i]["image"], fixed[i]["image"])
+    wide_index = [source[i]["caption"] for i in range(len(source))].index("a wide picture")
+    assert len({tuple(FixedCrops(source, augment, seed)[wide_index]["crop_top_left"]) for seed in range(20)}) > 3
+    centre = FixedCrops(source, CropAndFlip(10, random_crop=False, random_flip=False), seed=4)
+    for i in range(len(source)):
+        np.testing.assert_array_equal(centre[i]["image"], source[i]["image"])
+        np.testing.assert_array_equal(centre[i]["crop_top_left"], source[i]["crop_top_left"])
+
+
 def test_loader_errors():
     source = toy_source(10)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):

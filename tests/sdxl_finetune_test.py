@@ -25,8 +25,9 @@ from pipeline_test import TOL
 from tiny_models import make_tiny_sdxl_pipeline
 
 RESOLUTION = 32  # the tiny SDXL U-Net's 4x4 latents through the factor-8 VAE
-# (height, width) of the training pictures: portrait, landscape, odd margins, one already square.
-SIZES = [(40, 48), (64, 32), (45, 77), (32, 32), (96, 50), (33, 60), (50, 50), (70, 41)]
+# (height, width) of the training pictures: portrait, landscape, odd margins (61 x 50 resizes to
+# 39 x 32, whose centre crop starts at row 4: rounded half to even, not floored), one already square.
+SIZES = [(40, 48), (64, 32), (45, 77), (32, 32), (96, 50), (33, 60), (50, 50), (61, 50)]
 
 
 def write_pictures(folder):
@@ -70,8 +71,11 @@ def expected_time_ids(path):
         upright = np.asarray(image.convert("RGB").transpose(Image.Transpose.ROTATE_270)
                              if path.suffix == ".jpg" else image.convert("RGB"))
     height, width = upright.shape[:2]
-    new_width, new_height = resized_size(width, height, RESOLUTION)
-    top, left = (new_height - RESOLUTION) // 2, (new_width - RESOLUTION) // 2
+    # torchvision's Resize(R): the shorter side to R, the longer truncated; CenterCrop rounds half to even
+    new_width, new_height = ((RESOLUTION, int(RESOLUTION * height / width)) if width <= height
+                             else (int(RESOLUTION * width / height), RESOLUTION))
+    assert (new_width, new_height) == resized_size(width, height, RESOLUTION)
+    top, left = int(round((new_height - RESOLUTION) / 2)), int(round((new_width - RESOLUTION) / 2))
     return np.array([height, width, top, left, RESOLUTION, RESOLUTION], np.float32), upright, (top, left)
 
 
@@ -95,6 +99,7 @@ def test_time_ids_come_from_each_pictures_true_size_and_crop(sdxl):
         np.testing.assert_array_equal(window, example["image"])
     assert expected["sideways.jpg"][:2].tolist() == [300, 120]  # upright, full size (not the JPEG draft)
     assert any(ids[2] > 0 for ids in expected.values()) and any(ids[3] > 0 for ids in expected.values())
+    assert expected["7.png"][2] == 4
 
     # Through the loader (and the latent cache, which keeps the fields) into the stage's batch.
     config = finetune_config(base, pictures)
@@ -111,6 +116,17 @@ def test_time_ids_come_from_each_pictures_true_size_and_crop(sdxl):
         # a dropped caption keeps its picture's time ids; its text becomes zeros (force_zeros_for_empty_prompt)
         np.testing.assert_array_equal(inputs["dropped_tokens"]["time_ids"], inputs["tokens"]["time_ids"])
         assert (inputs["dropped_tokens"]["zero"] == 1).all() and (inputs["tokens"]["zero"] == 0).all()
+    # random crops and flips (data.random_crop, data.random_flip): the ids carry each draw's corner
+    from jdiff.data.augment import CropAndFlip, Uncropped
+
+    loader = make_loader(Uncropped(source), batch_size=len(source), seed=1, shuffle=False,
+                         augment=CropAndFlip(RESOLUTION, random_crop=True, random_flip=True))
+    batch = next(iter(loader))
+    stage = stages.diffusion_stage(pipe, objective, latent_size=4, caption_dropout=0.0, train_text_encoder=False)
+    ids = stage.prepare_batch(batch)["tokens"]["time_ids"]
+    np.testing.assert_array_equal(ids[:, 2:4], batch["crop_top_left"])
+    np.testing.assert_array_equal(ids[:, :2], np.stack([expected[p.name][:2] for p in paths]))
+    assert (ids[:, 2:4] != np.stack([expected[p.name][2:4] for p in paths])).any()
 
 
 def reference_loss(folder, captions, latents, noise, timesteps, time_ids):
@@ -201,7 +217,8 @@ def test_first_step_loss_equals_diffusers_sdxl_training_recipe(sdxl):
 def test_fine_tuned_sdxl_export_loads_in_diffusers_and_draws_the_same(sdxl, tmp_path, one_device):
     base, pictures = sdxl
     config = finetune_config(base, pictures, steps=3, learning_rate=1e-3, warmup_steps=1)
-    config.data.update(caption_dropout=0.2, cache_text_embeddings=True)
+    # latents encoded once, each picture cropped and flipped once at random
+    config.data.update(caption_dropout=0.2, cache_text_embeddings=True, random_crop=True, random_flip=True)
     config.diffusion_train.mesh.update(data=4, fsdp=2)  # the train state sharded as for SD1.x
     recipe.run(config, tmp_path / "run")
     tuned = jdiff.load_pipeline(tmp_path / "run")
@@ -230,11 +247,26 @@ def test_fine_tuned_sdxl_export_loads_in_diffusers_and_draws_the_same(sdxl, tmp_
 def test_learning_rate_zero_exports_the_input_checkpoint(sdxl, tmp_path):
     base, pictures = sdxl
     config = finetune_config(base, pictures, num_devices=1)  # one device: the cheapest run
+    config.data.update(cache_latents=False, random_crop=True, random_flip=True)  # each batch cropped afresh
     recipe.run(config, tmp_path / "run")
     tuned, original = jdiff.load_pipeline(tmp_path / "run"), jdiff.load_pipeline(base)
     assert tuned.pipeline_class == "StableDiffusionXLPipeline" and tuned.settings == original.settings
     assert tuned.scheduler.config == original.scheduler.config
     jax.tree.map(np.testing.assert_array_equal, tuned.params, original.params)
+
+
+def test_random_crops_are_refused_where_they_cannot_apply(sdxl, tmp_path):
+    base, pictures = sdxl
+    config = finetune_config(base, pictures)
+    config.data.update(random_flip=True, dataset="shapes")
+    with pytest.raises(ConfigError, match="random_flip are for folder data"):
+        recipe.run(config, tmp_path / "shapes")
+    config = finetune_config(base, pictures)
+    config.data.random_crop = True
+    config.stages = "diffusion,controlnet"
+    with pytest.raises(ConfigError, match="do not apply to the controlnet stage"):
+        recipe.run(config, tmp_path / "controlnet")
+    assert not (tmp_path / "controlnet" / "diffusion").exists()  # refused before any work
 
 
 def test_training_sdxl_text_encoders_is_refused_by_name(sdxl, tmp_path):

@@ -24,6 +24,7 @@ from jdiff.app import dreambooth, shapes, stages
 from jdiff.app.caption_tokenizer import write_caption_tokenizer
 from jdiff.app.shapes_tfds import default_data_dir, load_shapes
 from jdiff.data import decode_example, encode_conditioning, encode_source, make_loader, to_model_range
+from jdiff.data.augment import CropAndFlip, FixedCrops, Uncropped
 from jdiff.data.image_folder import ImageFolder, WithControl
 from jdiff.errors import ConfigError
 from jdiff.families import Pipeline, save_pipeline
@@ -71,11 +72,26 @@ def _all_captions(config, source) -> list[str]:
             for i in range(len(source))]
 
 
-def _loader(source, section, seed):
+def _loader(source, section, seed, augment=None):
     per_process = section.batch_size // jax.process_count()
     if per_process * jax.process_count() != section.batch_size:
         raise ConfigError(f"batch_size {section.batch_size} does not split over {jax.process_count()} processes.")
-    return make_loader(source, batch_size=per_process, seed=seed)
+    return make_loader(source, batch_size=per_process, seed=seed, augment=augment)
+
+
+def augmentation(config) -> CropAndFlip | None:
+    """The diffusion stage's random crops and flips of folder pictures (data.random_crop,
+    data.random_flip), or None."""
+    data = config.data
+    if not (data.get("random_crop") or data.get("random_flip")):
+        return None
+    if data.dataset != "folder":
+        raise ConfigError("data.random_crop and data.random_flip are for folder data: the shapes set's pictures are "
+                          "exactly the resolution, and its captions say left and right.")
+    if "controlnet" in _stages(config):
+        raise ConfigError("data.random_crop and data.random_flip do not apply to the controlnet stage (its control "
+                          "images are centre-cropped with their pictures): leave them off for it.")
+    return CropAndFlip(data.resolution, bool(data.get("random_crop")), bool(data.get("random_flip")))
 
 
 def train_vae(config, workdir: Path, train_source, test_source):
@@ -127,6 +143,11 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
     # the evaluation samples with config.sample.sampler: refuse a misfit now, not after training
     samplers.check_sampler(config.sample.sampler, scheduler.class_name)
     lora = lora_spec(config, base)
+    cache, cache_text = config.data.cache_latents, config.data.get("cache_text_embeddings", False)
+    cache = cache and not dreambooth.enabled(config)  # pairs of pictures: encoded at every step (a few pictures)
+    augment = augmentation(config)
+    if augment is not None:  # latents encoded once hold one crop per picture; the loader crops afresh
+        train_source = FixedCrops(train_source, augment, config.seed) if cache else Uncropped(train_source)
     if dreambooth.enabled(config):  # the instance prompt, and the class pictures the base model draws first
         train_source = dreambooth.training_source(config, workdir, base, train_source)
 
@@ -146,8 +167,6 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
                           guidance=s.guidance, seed=0, height=size, width=size)
         return {"samples": image_io.image_grid(images, columns=4)}
 
-    cache, cache_text = config.data.cache_latents, config.data.get("cache_text_embeddings", False)
-    cache = cache and not dreambooth.enabled(config)  # pairs of pictures: encoded at every step (a few pictures)
     vae, vae_params = base.vae, base.params["vae"]
     stage = stages.diffusion_stage(base, stages.make_objective(config, scheduler),
                                    latent_size=config.data.resolution // vae.config.downscale,
@@ -163,7 +182,7 @@ def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_c
     if cache_text:  # so are the text encoders (the stage refuses otherwise): encode each caption once
         encoder = stages.conditioning_encoder(base, config.data.resolution, config.data.caption_dropout > 0)
         train_source = encode_conditioning(encoder, train_source, show_progress=distributed.is_main())
-    loader = _loader(train_source, config.diffusion_train, config.seed)
+    loader = _loader(train_source, config.diffusion_train, config.seed, None if cache else augment)
     state, _ = train_lib.train(stage, config.diffusion_train, workdir / "diffusion", loader,
                                total_batch=config.diffusion_train.batch_size)
     if int(state.step) < config.diffusion_train.steps:
@@ -202,6 +221,7 @@ def run(config, workdir) -> dict:
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown} in config.stages; use a comma-separated subset of {STAGES}.")
     dreambooth.check(config)
+    augmentation(config)  # refused settings fail now, not after the VAE stage
     if distributed.is_main():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     train_source, test_source = data_sources(config, workdir)

@@ -67,6 +67,12 @@ def get_config() -> ml_collections.ConfigDict:
         # floats per image, twice that when captions are dropped, since the dropped conditioning is
         # stored too); the text encoders then never reach the devices.
         cache_text_embeddings=False,
+        # Folder data, diffusion stage: crop each picture (its shorter side scaled to the resolution)
+        # at a random place instead of the centre, and flip half of them, as diffusers' training
+        # scripts without --center_crop and with --random_flip. With cache_latents each picture's crop
+        # and flip are drawn once (from the seed); without, every epoch draws afresh.
+        random_crop=False,
+        random_flip=False,
     ))
 
     # Stage 1: the autoencoder (factor 2: 32x32x3 images <-> 16x16x4 latents; at factor 4 a small

@@ -71,23 +71,30 @@ def _decoded_size(path: Path, resolution: int) -> tuple[int, int]:
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) with the shorter side scaled to `resolution`."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    """(width, height) with the shorter side scaled to `resolution` and the longer one truncated, as
+    torchvision's Resize(resolution) in diffusers' training scripts."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def resize_shorter_side(image: Image.Image, resolution: int) -> np.ndarray:
+    """uint8 [H, W, 3] with the shorter side scaled to `resolution`."""
+    size = resized_size(*image.size, resolution)
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), np.uint8)
+
+
+def center_crop(pixels: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The centre `resolution` square of [H, W, C] pixels, and its (top, left), rounded as
+    torchvision's CenterCrop rounds them (half to even)."""
+    top, left = (int(round((side - resolution) / 2)) for side in pixels.shape[:2])
+    return pixels[top:top + resolution, left:left + resolution], (top, left)
 
 
 def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Shorter side scaled to `resolution`, then the centre square: (uint8 [R, R, 3], the (top,
     left) of the square in the resized picture)."""
-    size = resized_size(*image.size, resolution)
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint8), (top, left)
-
-
-def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """Shorter side scaled to `resolution`, then the centre square: uint8 [R, R, 3]."""
-    return resize_and_center_crop(image, resolution)[0]
+    return center_crop(resize_shorter_side(image, resolution), resolution)
 
 
 def _file(root: Path, path: Path, number: int, name: str) -> Path:
@@ -180,15 +187,21 @@ class ImageFolder:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
+        example = self.picture(index)
+        pixels, crop_top_left = center_crop(example["image"], self.resolution)
+        return {**example, "image": pixels, "crop_top_left": np.asarray(crop_top_left, np.int32)}
+
+    def picture(self, index: int) -> dict:
+        """Picture `index` with its shorter side scaled to the resolution, not yet cropped: {"image":
+        uint8 [H, W, 3], "caption", "original_size"} (for random crops, `jdiff.data.augment`)."""
         path, text = self.entries[index]
         try:
             image, original_size = _open_rgb(path, self.resolution)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             # Opened with verify=False, or the file changed on disk after it was checked.
             raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
-        pixels, crop_top_left = resize_and_center_crop(image, self.resolution)
-        return {"image": pixels, "caption": text, "original_size": np.asarray(original_size, np.int32),
-                "crop_top_left": np.asarray(crop_top_left, np.int32)}
+        return {"image": resize_shorter_side(image, self.resolution), "caption": text,
+                "original_size": np.asarray(original_size, np.int32)}
 
     def control_image(self, index: int) -> np.ndarray:
         """Picture `index`'s control image, scaled to the size the picture decodes at and cropped as

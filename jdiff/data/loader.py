@@ -58,6 +58,7 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num
                 shard_index: int | None = None, shard_count: int | None = None,
                 transform: Callable[[dict], dict] = decode_example,
                 tokenize: Callable[[list[str]], object] | None = None,
+                augment: grain.transforms.RandomMap | None = None,
                 num_threads: int = 4, prefetch: int = 256) -> grain.IterDataset:
     """This process's part of every global batch of `source` (anything with len and [i] -> dict).
 
@@ -71,6 +72,8 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num
                  the global batches (and a run's losses) are the same on any number of hosts.
     transform:   applied to every example before batching (runs in the read threads).
     tokenize:    optional, maps the batch's list of captions to token ids, stored as batch["ids"].
+    augment:     optional random transform of every example (e.g. `augment.CropAndFlip`), its draws
+                 a function of the seed and the example's place in the stream (each epoch afresh).
     num_threads, prefetch: read-ahead threads and buffered examples; they never change the order.
 
     Batches have exactly `batch_size` examples: "image" float32 [B, H, W, 3] in [-1, 1] (when the
@@ -84,7 +87,10 @@ def make_loader(source, *, batch_size: int, seed: int, shuffle: bool = True, num
     if shuffle:
         dataset = dataset.shuffle(seed=int(seed))
     # After shuffle, so each epoch gets its own permutation (grain reseeds per epoch).
-    dataset = dataset.repeat(num_epochs).map(transform).batch(int(batch_size), drop_remainder=True)
+    dataset = dataset.repeat(num_epochs)
+    if augment is not None:
+        dataset = dataset.random_map(augment, seed=int(seed))
+    dataset = dataset.map(transform).batch(int(batch_size), drop_remainder=True)
     if num_epochs is not None:  # whole global batches only, so every process runs the same steps
         dataset = dataset[:len(dataset) // shard_count * shard_count]
     dataset = dataset[shard_index::shard_count]  # lazy: only this process's blocks are ever read
