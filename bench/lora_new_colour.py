@@ -87,7 +87,7 @@ def lora_config(args, pretrained: Path, folder: Path, resolution: int):
     config.data.dataset, config.data.folder, config.data.resolution = "folder", str(folder), resolution
     config.lora.rank, config.lora.unet_targets = args.rank, tuple(args.unet_targets)
     if args.text_encoder:
-        config.lora.text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+        config.lora.text_encoder_targets = tuple(args.text_encoder_targets)
     train = config.diffusion_train
     train.steps, train.batch_size, train.learning_rate = args.steps, args.batch_size, args.learning_rate
     train.warmup_steps = min(train.warmup_steps, args.steps // 10)
@@ -147,6 +147,8 @@ def main():
                         help="adapters on the text encoder's attention too")
     parser.add_argument("--unet-targets", nargs="+", default=list(get_config().lora.unet_targets),
                         help="U-Net layers with adapters (PEFT's target rule)")
+    parser.add_argument("--text-encoder-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "out_proj"],
+                        help="with --text-encoder: its layers with adapters")
     parser.add_argument("--num-prompts", type=int, default=200, help="held-out prompts of each kind")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, default=300)

@@ -1,7 +1,10 @@
 """Fine-tuning an SDXL checkpoint with train.py's recipe: the U-Net learns the checkpoint's own
 objective with both text encoders frozen and SDXL's micro-conditioning (time ids) made from each
-training picture's true size and crop, and the export is a StableDiffusionXLPipeline folder that
-diffusers loads and that draws what jdiff draws."""
+training picture's true size and crop (and, for a refiner, its aesthetic score), and the export is
+a StableDiffusionXLPipeline (or Img2Img, refiner) folder that diffusers loads and that draws what
+jdiff draws."""
+
+import json
 
 import diffusers
 import jax
@@ -253,6 +256,74 @@ def test_learning_rate_zero_exports_the_input_checkpoint(sdxl, tmp_path):
     assert tuned.pipeline_class == "StableDiffusionXLPipeline" and tuned.settings == original.settings
     assert tuned.scheduler.config == original.scheduler.config
     jax.tree.map(np.testing.assert_array_equal, tuned.params, original.params)
+
+
+@pytest.fixture(scope="module")
+def refiner(sdxl, tmp_path_factory):
+    """A tiny refiner, and the pictures again with a metadata.jsonl that scores each one."""
+    root = tmp_path_factory.mktemp("sdxl_refiner_finetune")
+    make_tiny_sdxl_pipeline(root / "refiner", refiner=True, seed=20)
+    _, pictures = sdxl
+    scored = root / "scored"
+    scored.mkdir()
+    lines = []
+    for i, path in enumerate(sorted(p for p in pictures.iterdir() if p.suffix != ".txt")):
+        (scored / path.name).write_bytes(path.read_bytes())
+        lines.append(json.dumps({"file_name": path.name, "text": "a red circle" if i % 2 else "circle",
+                                 "aesthetic_score": 3.0 + i / 2}))
+    (scored / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "refiner", scored
+
+
+def test_refiner_time_ids_carry_each_pictures_aesthetic_score(refiner, tmp_path):
+    folder, scored = refiner
+    config = finetune_config(folder, scored)
+    pipe = recipe.diffusion_components(config, None, None, None, None)
+    source = ImageFolder(scored, RESOLUTION)
+    stage = stages.diffusion_stage(pipe, stages.make_objective(config, pipe.scheduler), latent_size=4,
+                                   caption_dropout=0.0, train_text_encoder=False)
+    batch = next(iter(make_loader(source, batch_size=len(source), seed=0, shuffle=False)))
+    ids = stage.prepare_batch(batch)["tokens"]["time_ids"]
+    expected = [np.concatenate([expected_time_ids(path)[0][:4], [score]])
+                for (path, _), score in zip(source.entries, source.scores)]
+    np.testing.assert_array_equal(ids, np.stack(expected))
+    # without scores, the refiner pipeline's default 6.0
+    unscored = stage.prepare_batch({k: v for k, v in batch.items() if k != "aesthetic_score"})
+    assert (unscored["tokens"]["time_ids"][:, 4] == 6.0).all()
+    # a score on some lines only, or not a number, is refused by name
+    lines = (scored / "metadata.jsonl").read_text().splitlines()
+    (tmp_path / "some").mkdir()
+    for line in lines:
+        record = json.loads(line)
+        (tmp_path / "some" / record["file_name"]).write_bytes((scored / record["file_name"]).read_bytes())
+    partial = [lines[0], json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "aesthetic_score"})]
+    (tmp_path / "some" / "metadata.jsonl").write_text("\n".join(partial))
+    with pytest.raises(ConfigError, match="1 of 2 lines give 'aesthetic_score'"):
+        ImageFolder(tmp_path / "some", RESOLUTION)
+    wrong = json.dumps({**json.loads(lines[0]), "aesthetic_score": "high"})
+    (tmp_path / "some" / "metadata.jsonl").write_text(wrong)
+    with pytest.raises(ConfigError, match="line 1: 'aesthetic_score' must be a number"):
+        ImageFolder(tmp_path / "some", RESOLUTION)
+
+
+def test_fine_tuned_refiner_loads_in_diffusers_and_refines_the_same(refiner, tmp_path, one_device):
+    folder, scored = refiner
+    config = finetune_config(folder, scored, steps=3, learning_rate=1e-3, warmup_steps=1, num_devices=1)
+    recipe.run(config, tmp_path / "run")
+    tuned, original = jdiff.load_pipeline(tmp_path / "run"), jdiff.load_pipeline(folder)
+    assert tuned.pipeline_class == "StableDiffusionXLImg2ImgPipeline" and tuned.settings == original.settings
+    changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                           tuned.params["unet"], original.params["unet"])
+    assert max(jax.tree.leaves(changed)) > 1e-4
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "circle"]
+    kw = dict(num_inference_steps=4, denoising_start=0.5, aesthetic_score=4.5, guidance_scale=5.0)
+    expected = reference(prompts, image=latents, output_type="np", **kw).images
+    ours = jdiff.generate(tuned, prompts, init_latents=nchw_to_nhwc(latents), steps=4, denoising_start=0.5,
+                          aesthetic_score=4.5, guidance=5.0, mesh=one_device)
+    assert expected.std() > 0.02
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
 
 
 def test_random_crops_are_refused_where_they_cannot_apply(sdxl, tmp_path):

@@ -12,7 +12,8 @@ Reading returns the image resized so its shorter side is `resolution`, centre-cr
 with where it came from: {"image": uint8 [R, R, 3], "caption": str, "original_size": int32 [2], the
 upright picture's (height, width) before resizing, "crop_top_left": int32 [2], the (y, x) of the
 crop in the resized picture}. SDXL's micro-conditioning is made of these (diffusers' training
-script records the same two pairs); families without it ignore them.
+script records the same two pairs); families without it ignore them. A metadata.jsonl may give
+every picture an "aesthetic_score" (float32 in the example), which an SDXL refiner conditions on.
 
 For training a ControlNet, `control_column` names the metadata column that holds each picture's
 control image (diffusers' train_controlnet.py calls it "conditioning_image"):
@@ -38,6 +39,7 @@ from jdiff.paths import Path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.jsonl"
+SCORE_COLUMN = "aesthetic_score"  # metadata.jsonl's optional per-picture score (an SDXL refiner's time id)
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by 90 degrees
 
@@ -104,7 +106,8 @@ def _file(root: Path, path: Path, number: int, name: str) -> Path:
     return found
 
 
-def _from_metadata(root: Path, caption_column: str, control_column: str | None) -> list[tuple[Path, str, Path | None]]:
+def _from_metadata(root: Path, caption_column: str,
+                   control_column: str | None) -> list[tuple[Path, str, Path | None, float | None]]:
     path = root / METADATA
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -120,19 +123,26 @@ def _from_metadata(root: Path, caption_column: str, control_column: str | None) 
             raise ConfigError(f"{str(path)!r} line {number} needs the keys {', '.join(names[:-1])} and {names[-1]}; "
                               f"got {line.strip()[:200]!r}.")
         control = _file(root, path, number, record[control_column]) if control_column else None
-        entries.append((_file(root, path, number, record["file_name"]), str(record[caption_column]), control))
+        score = record.get(SCORE_COLUMN)
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise ConfigError(f"{str(path)!r} line {number}: {SCORE_COLUMN!r} must be a number, got {score!r}.")
+        entries.append((_file(root, path, number, record["file_name"]), str(record[caption_column]), control, score))
+    given = [entry[3] is not None for entry in entries]
+    if any(given) and not all(given):
+        raise ConfigError(f"{str(path)!r}: {given.count(True)} of {len(entries)} lines give {SCORE_COLUMN!r}; give "
+                          "it on every line or on none.")
     return entries
 
 
-def _from_text_files(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str, None]]:
+def _from_text_files(root: Path, allow_missing_captions: bool) -> list[tuple[Path, str, None, None]]:
     images = sorted(p for p in paths.visible_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS)
     entries = []
     for image in images:
         text = image.with_suffix(".txt")
         if text.is_file():
-            entries.append((image, text.read_text(encoding="utf-8").strip(), None))
+            entries.append((image, text.read_text(encoding="utf-8").strip(), None, None))
         elif allow_missing_captions:
-            entries.append((image, "", None))
+            entries.append((image, "", None, None))
         else:
             raise ConfigError(f"image {str(image)!r} has no caption file {text.name!r} (pass "
                               f"allow_missing_captions=True to train on it with an empty caption).")
@@ -162,8 +172,9 @@ class ImageFolder:
                               f"({', '.join(IMAGE_EXTENSIONS)}) and no {METADATA}.")
         self.entries: list[tuple[Path, str]] = []
         self.controls: list[Path] = []  # with control_column: each entry's control image
+        self.scores: list[float] = []  # with aesthetic scores in metadata.jsonl: each entry's
         self.skipped: list[tuple[Path, str]] = []  # (image, why) of every unreadable image
-        for path, text, control in entries:
+        for path, text, control, score in entries:
             try:
                 if verify:
                     for image in (path, control) if control else (path,):
@@ -175,6 +186,8 @@ class ImageFolder:
                 self.entries.append((path, text))
                 if control:
                     self.controls.append(control)
+                if score is not None:
+                    self.scores.append(float(score))
         if not self.entries:
             raise ConfigError(f"image folder {str(self.root)!r}: none of its {len(entries)} images "
                               f"could be read (first: {str(self.skipped[0][0])!r}).")
@@ -200,8 +213,11 @@ class ImageFolder:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             # Opened with verify=False, or the file changed on disk after it was checked.
             raise ConfigError(f"cannot read image {str(path)!r}: {e}") from None
-        return {"image": resize_shorter_side(image, self.resolution), "caption": text,
-                "original_size": np.asarray(original_size, np.int32)}
+        example = {"image": resize_shorter_side(image, self.resolution), "caption": text,
+                   "original_size": np.asarray(original_size, np.int32)}
+        if self.scores:
+            example[SCORE_COLUMN] = np.float32(self.scores[index])
+        return example
 
     def control_image(self, index: int) -> np.ndarray:
         """Picture `index`'s control image, scaled to the size the picture decodes at and cropped as

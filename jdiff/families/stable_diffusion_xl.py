@@ -233,14 +233,20 @@ def training_conditioning(pipe: Pipeline, examples: dict, height: int, width: in
     force_zeros_for_empty_prompt is set (SDXL base; Stability's own trainer drops a caption by
     zeroing its embeddings, which is why the flag exists), otherwise the empty prompt's encoding
     (diffusers' training script always encodes the empty prompt). The time ids stay the example's.
+
+    A refiner's ids end in an aesthetic score instead of the target size: each example's own
+    ("aesthetic_score", from an image folder's metadata.jsonl), else 6.0, the score diffusers'
+    refiner pipeline asks for by default, so that generating at the default draws the pictures'
+    kind. (diffusers has no refiner training script; Stability trained on LAION aesthetic scores.)
     """
-    if pipe.settings.get("requires_aesthetics_score"):
-        raise ConfigError("fine-tuning an SDXL refiner (requires_aesthetics_score) is not supported: its time ids "
-                          "carry an aesthetic score per image, which the training data does not have.")
     batch, size = len(examples["caption"]), (height, width)
     original = _pairs(examples.get("original_size", size), batch, "original_size")
     crop = _pairs(examples.get("crop_top_left", (0, 0)), batch, "crop_top_left")
-    ids = np.concatenate([original, crop, _pairs(size, batch, "target_size")], -1)
+    if pipe.settings.get("requires_aesthetics_score"):
+        last = _scores(examples.get("aesthetic_score", MICRO_CONDITIONING["aesthetic_score"]), batch, "aesthetic_score")
+    else:
+        last = _pairs(size, batch, "target_size")
+    ids = np.concatenate([original, crop, last], -1)
     zero = float(pipe.settings.get("force_zeros_for_empty_prompt", True))
     return ({"time_ids": ids, "zero": np.zeros((batch,), np.float32)},
             {"time_ids": ids, "zero": np.full((batch,), zero, np.float32)})
