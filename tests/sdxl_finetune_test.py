@@ -326,6 +326,30 @@ def test_fine_tuned_refiner_loads_in_diffusers_and_refines_the_same(refiner, tmp
     np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
 
 
+def test_sdxl_lora_trained_with_remat_loads_in_diffusers_and_draws_the_same(sdxl, tmp_path, one_device):
+    """A LoRA on the U-Net's attention and both text encoders, trained with config.remat (which a
+    loaded checkpoint's models now honour); diffusers' load_lora_weights draws the export as jdiff."""
+    base, pictures = sdxl
+    config = finetune_config(base, pictures, steps=3, learning_rate=3e-2, warmup_steps=0, num_devices=1)
+    config.remat = True
+    config.lora.update(rank=4, alpha=2.0, text_encoder_targets=("q_proj", "v_proj"))
+    components = recipe.diffusion_components(config, None, None, None, None)
+    assert components.unet.gradient_checkpointing and components.text_encoder_2.gradient_checkpointing
+    recipe.run(config, tmp_path / "run")
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(base)
+    reference.load_lora_weights(str(tmp_path / "run" / "lora"))
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red circle", "circle"]
+    expected = reference(prompts, latents=latents, num_inference_steps=3, guidance_scale=5.0, output_type="np").images
+    pipe = jdiff.load_pipeline(base)
+    adapted = jdiff.load_lora_weights(pipe, tmp_path / "run" / "lora")
+    assert set(adapted.adapters["default_0"]) == {"unet", "text_encoder", "text_encoder_2"}
+    ours = jdiff.generate(adapted, prompts, steps=3, guidance=5.0, latents=nchw_to_nhwc(latents), mesh=one_device)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=TOL)
+    plain = jdiff.generate(pipe, prompts, steps=3, guidance=5.0, latents=nchw_to_nhwc(latents), mesh=one_device)
+    assert np.abs(plain - ours).max() > 2 * TOL  # training moved the model
+
+
 def test_random_crops_are_refused_where_they_cannot_apply(sdxl, tmp_path):
     base, pictures = sdxl
     config = finetune_config(base, pictures)

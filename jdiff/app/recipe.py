@@ -124,10 +124,11 @@ def diffusion_components(config, workdir: Path, train_source, vae, vae_params) -
     modules built from the config around the trained VAE, with a tokenizer of the captions."""
     dtype = stages.compute_dtype(config)
     if config.pretrained:
-        return families.build(config.pretrained, dtype=dtype)
+        return stages.with_remat(families.build(config.pretrained, dtype=dtype), config.remat)
     tokenizer = distributed.main_first("tokenizer", lambda: write_caption_tokenizer(
         workdir / "tokenizer", _all_captions(config, train_source), config.text.max_length))
-    return families.build(config, tokenizer=tokenizer, vae=(vae, vae_params), dtype=dtype)
+    return stages.with_remat(families.build(config, tokenizer=tokenizer, vae=(vae, vae_params), dtype=dtype),
+                             config.remat)
 
 
 def train_diffusion(config, workdir: Path, train_source, vae, vae_params, test_captions) -> Pipeline:
@@ -291,7 +292,8 @@ def train_controlnet(config, workdir: Path, train_source, test_source, pipe: Pip
         module, params = controlnet.from_unet(
             pipe.unet, pipe.params["unet"], jax.random.key(config.seed), dtype=stages.compute_dtype(config),
             conditioning_embedding_out_channels=control_widths(section, vae.config.downscale))
-    base = pipe.replace(modules={**pipe.modules, "controlnet": module}, params={**pipe.params, "controlnet": params})
+    base = stages.with_remat(pipe.replace(modules={**pipe.modules, "controlnet": module},
+                                          params={**pipe.params, "controlnet": params}), config.remat)
     cache = config.data.cache_latents
     source = encode_source(stages.latent_encoder(vae, vae_params), train_source,
                            show_progress=distributed.is_main()) if cache else train_source

@@ -40,11 +40,23 @@ def trained_pipeline(config, workdir, pipe: Pipeline | None, stage: str, test_so
 
 
 def exported_pipeline(config, workdir) -> Pipeline | None:
-    """The diffusion stage's export, <workdir>/pipeline, in the run's compute dtype; None before it exists."""
+    """The diffusion stage's export, <workdir>/pipeline, in the run's compute dtype (and remat);
+    None before it exists."""
     exported = workdir / "pipeline"
     if not (exported / "model_index.json").is_file():
         return None
-    return families.load_pipeline(exported, dtype=compute_dtype(config))
+    return with_remat(families.load_pipeline(exported, dtype=compute_dtype(config)), config.remat)
+
+
+def with_remat(pipe: Pipeline, remat: bool) -> Pipeline:
+    """`pipe` whose models recompute their blocks in the backward pass where `remat` (config.remat)
+    asks: a checkpoint loads without it, and a stage that trains on it (or differentiates through
+    it) would otherwise keep every activation."""
+    if not remat:
+        return pipe
+    return pipe.replace(modules={name: module.clone(gradient_checkpointing=True)
+                                 if hasattr(module, "gradient_checkpointing") else module
+                                 for name, module in pipe.modules.items()})
 
 
 # --- the VAE ------------------------------------------------------------------------------------
